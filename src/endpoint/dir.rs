@@ -1,0 +1,507 @@
+//! The exchange directory (PROTOCOL.md §2): a local folder or a network share.
+//!
+//! Reading: one listing per pass; files are taken per till and kind in numeric `.$n` order,
+//! only when complete (unchanged for `settle`), never a higher number while a lower one is
+//! still waiting. A taken file is removed (or archived) only after it is durable in the
+//! store.
+//!
+//! Writing: payload to `.kkm-bridge.<random>.tmp` in the same directory, fsync, journal the
+//! temp and final names, rename, fsync the directory, journal "delivered". Numbered mode
+//! takes the first number above the highest present; single-file mode writes only when the
+//! till has consumed the previous file (absent, or line 2 is `@`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+
+use super::{new_uid, DeliverReport, Role, Routes, TakeReport, WarnOnce};
+use crate::config::{DirConfig, Names};
+use crate::package::{is_temp_name, spr_marked_loaded, temp_name, Kind, NamePattern, Package};
+use crate::store::{sync_dir, Store, Taken};
+
+pub struct DirEndpoint {
+    pub name: String,
+    pub config: DirConfig,
+    pub routes: Routes,
+    patterns: Vec<(Kind, NamePattern)>,
+    warned: WarnOnce,
+    temps_cleaned: AtomicBool,
+}
+
+/// One file seen in a listing.
+#[derive(Debug, Clone)]
+struct Entry {
+    name: String,
+    size: u64,
+    mtime: SystemTime,
+}
+
+/// One file that parsed as a package of this endpoint.
+#[derive(Debug, Clone)]
+struct Candidate {
+    entry: Entry,
+    kind: Kind,
+    pos: u32,
+    n: Option<u32>,
+}
+
+impl DirEndpoint {
+    pub fn new(name: &str, config: DirConfig, routes: Routes) -> DirEndpoint {
+        let names: Names = config.names();
+        let patterns = Kind::ALL.iter().map(|&k| (k, names.pattern(k))).collect();
+        DirEndpoint {
+            name: name.to_string(),
+            config,
+            routes,
+            patterns,
+            warned: WarnOnce::default(),
+            temps_cleaned: AtomicBool::new(false),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.config.path.join(name)
+    }
+
+    fn pattern(&self, kind: Kind) -> &NamePattern {
+        &self
+            .patterns
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .expect("every kind has a pattern")
+            .1
+    }
+
+    fn list(&self) -> anyhow::Result<Vec<Entry>> {
+        let dir = &self.config.path;
+        let rd = fs::read_dir(dir)
+            .with_context(|| format!("endpoint {}: cannot list {}", self.name, dir.display()))?;
+        let mut out = Vec::new();
+        for e in rd {
+            let e = e.with_context(|| {
+                format!("endpoint {}: cannot list {}", self.name, dir.display())
+            })?;
+            let Ok(meta) = e.metadata() else { continue };
+            if !meta.is_file() {
+                continue;
+            }
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                let key = format!("non-utf8:{:?}", e.file_name());
+                if self.warned.first(&key) {
+                    tracing::warn!(endpoint = %self.name, file = ?e.file_name(), "left alone: the file name is not valid UTF-8");
+                }
+                continue;
+            };
+            out.push(Entry {
+                name,
+                size: meta.len(),
+                mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Parses a name as any kind's pattern.
+    fn parse(&self, name: &str) -> Option<(Kind, u32, Option<u32>)> {
+        self.patterns.iter().find_map(|(k, p)| {
+            p.parse(name, self.config.numbered)
+                .map(|parsed| (*k, parsed.pos, parsed.n))
+        })
+    }
+
+    fn is_complete(&self, e: &Entry) -> bool {
+        match SystemTime::now().duration_since(e.mtime) {
+            Ok(age) => age >= self.config.settle,
+            // An mtime in the future (clock skew on a share): wait until it is in the past.
+            Err(_) => false,
+        }
+    }
+
+    // ---------------------------------------------------------------- recovery
+
+    pub fn recover(&self, store: &Store) -> anyhow::Result<()> {
+        // Sources whose removal a crash may have interrupted.
+        for p in store.source_pending(&self.name)? {
+            let path = self.path(&p.source_name);
+            let same = match fs::read(&path) {
+                Ok(bytes) => crate::package::sha256_hex(&bytes) == p.sha256,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("endpoint {}: cannot read {}", self.name, path.display())
+                    })
+                }
+            };
+            if same {
+                tracing::info!(endpoint = %self.name, file = %p.source_name, package = p.id, "removing a source file already taken before a crash");
+                self.remove_source(&p.source_name, p.id)?;
+            }
+            store.mark_source_done(p.id)?;
+        }
+        // Sink writes begun and not confirmed.
+        for d in store.delivering(&self.name)? {
+            let tmp = self.path(&d.sink_tmp);
+            if tmp.exists() {
+                // The rename never happened: start this delivery again.
+                let _ = fs::remove_file(&tmp);
+                store.reset_to_taken(d.package.id)?;
+                tracing::info!(endpoint = %self.name, package = d.package.id, "delivery interrupted before the rename; it will be written again");
+            } else {
+                // The rename happened (the till may have consumed the file since).
+                store.mark_delivered(d.package.id, Some(&d.sink_name), None)?;
+                tracing::info!(endpoint = %self.name, package = d.package.id, file = %d.sink_name, "delivery finished before a crash; journaled now");
+            }
+        }
+        // Temp files of ours that no journal row needs.
+        if !self.temps_cleaned.swap(true, Ordering::Relaxed) {
+            let in_use = store.sink_temps_in_use(&self.name)?;
+            if let Ok(entries) = self.list() {
+                for e in entries {
+                    if is_temp_name(&e.name) && !in_use.contains(&e.name) {
+                        tracing::info!(endpoint = %self.name, file = %e.name, "removing a temp file left by a crash");
+                        let _ = fs::remove_file(self.path(&e.name));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- reading
+
+    pub fn take(&self, store: &Store, dry_run: bool) -> anyhow::Result<TakeReport> {
+        let mut report = TakeReport::default();
+        let takes = self.routes.role.takes();
+        let mut groups: BTreeMap<(u32, Kind), Vec<Candidate>> = BTreeMap::new();
+        for entry in self.list()? {
+            if is_temp_name(&entry.name) {
+                continue;
+            }
+            let Some((kind, pos, n)) = self.parse(&entry.name) else {
+                if self.warned.first(&entry.name) {
+                    tracing::warn!(endpoint = %self.name, file = %entry.name, "left alone: the name matches no pattern of this endpoint (numbered = {})", self.config.numbered);
+                }
+                continue;
+            };
+            if !takes.contains(&kind) {
+                continue; // what we write here for the other side
+            }
+            if self.routes.route(pos).is_none() {
+                if self.warned.first(&entry.name) {
+                    tracing::warn!(endpoint = %self.name, file = %entry.name, till = pos, "left alone: till {pos} is in no link of this endpoint");
+                }
+                continue;
+            }
+            groups.entry((pos, kind)).or_default().push(Candidate {
+                entry,
+                kind,
+                pos,
+                n,
+            });
+        }
+        for (_, mut files) in groups {
+            files.sort_by_key(|c| c.n);
+            for c in files {
+                if !self.is_complete(&c.entry) {
+                    report.waiting += 1;
+                    break; // never a higher number before a lower one
+                }
+                if dry_run {
+                    let r = self.routes.route(c.pos).expect("routed above");
+                    report.planned.push(format!(
+                        "take {}/{} (till {}, {}, {} bytes) for link {} → {}",
+                        self.name, c.entry.name, c.pos, c.kind, c.entry.size, r.link, r.peer
+                    ));
+                    continue;
+                }
+                match self.take_one(store, &c) {
+                    Ok(true) => report.taken += 1,
+                    Ok(false) => {
+                        report.waiting += 1;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(endpoint = %self.name, file = %c.entry.name, till = c.pos, "cannot take: {e:#}");
+                        report.failed += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Takes one file: spool + fsync, journal, then remove the source. Returns false when
+    /// the file turned out to be still changing, or is an already-loaded single file.
+    fn take_one(&self, store: &Store, c: &Candidate) -> anyhow::Result<bool> {
+        let path = self.path(&c.entry.name);
+        let route = self.routes.route(c.pos).expect("candidates are routed");
+        let mut file =
+            File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let before = file.metadata()?;
+        if c.kind == Kind::Spr && !self.config.numbered {
+            let mut head = [0u8; 512];
+            let n = read_up_to(&mut file, &mut head)?;
+            if spr_marked_loaded(&head[..n]) {
+                if self.warned.first(&format!("loaded:{}", c.entry.name)) {
+                    tracing::info!(endpoint = %self.name, file = %c.entry.name, "left alone: line 2 is '@' (already loaded)");
+                }
+                return Ok(false);
+            }
+            self.warned.forget(&format!("loaded:{}", c.entry.name));
+            file = File::open(&path)?;
+        }
+        let mut w = store.spool_writer()?;
+        io::copy(&mut file, &mut w)
+            .with_context(|| format!("cannot copy {} into the spool", path.display()))?;
+        let spooled = w.finish().context("cannot fsync the spool")?;
+        let after = fs::metadata(&path)?;
+        if after.len() != before.len()
+            || after.modified().ok() != before.modified().ok()
+            || spooled.size != before.len()
+        {
+            spooled.discard();
+            return Ok(false); // still being written; next pass
+        }
+        let uid = (c.kind == Kind::Flr).then(new_uid);
+        let size = spooled.size;
+        let id = store.commit_taken(
+            &Taken {
+                link: &route.link,
+                pos: c.pos,
+                kind: c.kind,
+                uid: uid.as_deref(),
+                source_endpoint: &self.name,
+                source_name: &c.entry.name,
+                source_seq: c.n.map(i64::from),
+                sink_endpoint: &route.peer,
+            },
+            spooled,
+        )?;
+        tracing::info!(endpoint = %self.name, link = %route.link, till = c.pos, kind = %c.kind, package = id, bytes = size, "taken {}", c.entry.name);
+        self.remove_source(&c.entry.name, id)?;
+        store.mark_source_done(id)?;
+        Ok(true)
+    }
+
+    /// Deletes a consumed file, or moves it to the archive directory.
+    fn remove_source(&self, name: &str, id: i64) -> anyhow::Result<()> {
+        let path = self.path(name);
+        match &self.config.archive {
+            Some(archive) => {
+                fs::create_dir_all(archive)
+                    .with_context(|| format!("cannot create archive {}", archive.display()))?;
+                let dest = archive.join(format!("{id:08}-{name}"));
+                if fs::rename(&path, &dest).is_err() {
+                    // Another device: copy durably, then delete.
+                    copy_durably(&path, &dest)?;
+                    fs::remove_file(&path)
+                        .with_context(|| format!("cannot delete {}", path.display()))?;
+                }
+                sync_dir(archive).ok();
+            }
+            None => match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot delete {}", path.display()))
+                }
+            },
+        }
+        sync_dir(&self.config.path).ok();
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- writing
+
+    pub fn deliver(
+        &self,
+        store: &Store,
+        queue: Vec<Package>,
+        dry_run: bool,
+    ) -> anyhow::Result<DeliverReport> {
+        let mut report = DeliverReport::default();
+        if queue.is_empty() {
+            return Ok(report);
+        }
+        let receives = self.routes.role.receives();
+        // One listing: the highest `.$n` present per till and kind.
+        let mut highest: HashMap<(u32, Kind), u32> = HashMap::new();
+        for e in self.list()? {
+            if let Some((kind, pos, Some(n))) = self.parse(&e.name) {
+                let h = highest.entry((pos, kind)).or_insert(0);
+                *h = (*h).max(n);
+            }
+        }
+        let mut blocked_pos: Option<u32> = None;
+        for pkg in queue {
+            debug_assert_eq!(pkg.kind.direction(), receives);
+            if blocked_pos == Some(pkg.pos) {
+                report.busy += 1;
+                continue;
+            }
+            let final_name = if self.config.numbered {
+                let n = highest.get(&(pkg.pos, pkg.kind)).copied().unwrap_or(0) + 1;
+                self.pattern(pkg.kind).render(pkg.pos, Some(n))
+            } else {
+                self.pattern(pkg.kind).render(pkg.pos, None)
+            };
+            if dry_run {
+                report.planned.push(format!(
+                    "deliver {} to {}/{}",
+                    pkg.describe(),
+                    self.name,
+                    final_name
+                ));
+                if let Some(n) = highest.get_mut(&(pkg.pos, pkg.kind)) {
+                    *n += 1;
+                } else {
+                    highest.insert((pkg.pos, pkg.kind), 1);
+                }
+                continue;
+            }
+            match self.deliver_one(store, &pkg, &mut highest) {
+                Ok(true) => report.delivered += 1,
+                Ok(false) => {
+                    report.busy += 1;
+                    blocked_pos = Some(pkg.pos);
+                }
+                Err(e) => {
+                    tracing::error!(endpoint = %self.name, till = pkg.pos, package = pkg.id, "cannot deliver {}: {e:#}", pkg.describe());
+                    report.failed += 1;
+                    blocked_pos = Some(pkg.pos);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Writes one package. Ok(false): the destination is busy (unconsumed single file).
+    fn deliver_one(
+        &self,
+        store: &Store,
+        pkg: &Package,
+        highest: &mut HashMap<(u32, Kind), u32>,
+    ) -> anyhow::Result<bool> {
+        let pattern = self.pattern(pkg.kind);
+        let (final_name, n) = if self.config.numbered {
+            let mut n = highest.get(&(pkg.pos, pkg.kind)).copied().unwrap_or(0) + 1;
+            // Never reuse a number that is present (a writer may have added one since
+            // the listing).
+            while self
+                .path(&pattern.render(pkg.pos, Some(n)))
+                .symlink_metadata()
+                .is_ok()
+            {
+                n += 1;
+            }
+            (pattern.render(pkg.pos, Some(n)), Some(n))
+        } else {
+            let name = pattern.render(pkg.pos, None);
+            if !self.single_file_free(&name, pkg.kind)? {
+                let key = format!("busy:{name}");
+                if self.warned.first(&key) {
+                    tracing::info!(endpoint = %self.name, file = %name, till = pkg.pos, package = pkg.id, "waiting: the till has not consumed {name} yet");
+                }
+                return Ok(false);
+            }
+            self.warned.forget(&format!("busy:{name}"));
+            (name, None)
+        };
+        let tmp_name = temp_name();
+        let tmp = self.path(&tmp_name);
+        if let Err(e) = self.write_temp(pkg, &tmp) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        store.mark_delivering(pkg.id, &final_name, &tmp_name)?;
+        let dest = self.path(&final_name);
+        if let Err(e) = fs::rename(&tmp, &dest) {
+            let _ = fs::remove_file(&tmp);
+            store.reset_to_taken(pkg.id)?;
+            return Err(e)
+                .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()));
+        }
+        sync_dir(&self.config.path)
+            .with_context(|| format!("cannot fsync {}", self.config.path.display()))?;
+        store.mark_delivered(pkg.id, Some(&final_name), n.map(i64::from))?;
+        if let Some(n) = n {
+            highest.insert((pkg.pos, pkg.kind), n);
+        }
+        tracing::info!(endpoint = %self.name, link = %pkg.link, till = pkg.pos, kind = %pkg.kind, package = pkg.id, bytes = pkg.size, "delivered {final_name}");
+        Ok(true)
+    }
+
+    /// Single-file mode: the name is free when absent, or (spr) when line 2 says loaded.
+    fn single_file_free(&self, name: &str, kind: Kind) -> anyhow::Result<bool> {
+        let path = self.path(name);
+        match File::open(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(e).with_context(|| format!("cannot open {}", path.display())),
+            Ok(mut f) => {
+                if kind != Kind::Spr {
+                    return Ok(false);
+                }
+                let mut head = [0u8; 512];
+                let n = read_up_to(&mut f, &mut head)?;
+                Ok(spr_marked_loaded(&head[..n]))
+            }
+        }
+    }
+
+    fn write_temp(&self, pkg: &Package, tmp: &Path) -> anyhow::Result<()> {
+        let mut src = pkg
+            .open()
+            .with_context(|| format!("cannot open spool file {}", pkg.payload.display()))?;
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let copied = io::copy(&mut src, &mut out)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        out.flush()?;
+        out.sync_all()
+            .with_context(|| format!("cannot fsync {}", tmp.display()))?;
+        anyhow::ensure!(
+            copied == pkg.size,
+            "spool file {} has {copied} bytes, the journal says {}",
+            pkg.payload.display(),
+            pkg.size
+        );
+        Ok(())
+    }
+
+    /// The settle time, for the daemon's wake-ups.
+    pub fn settle(&self) -> Duration {
+        self.config.settle
+    }
+
+    pub fn role(&self) -> Role {
+        self.routes.role
+    }
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+fn copy_durably(from: &Path, to: &Path) -> anyhow::Result<()> {
+    let mut src = File::open(from).with_context(|| format!("cannot open {}", from.display()))?;
+    let mut dst = File::create(to).with_context(|| format!("cannot create {}", to.display()))?;
+    io::copy(&mut src, &mut dst).with_context(|| format!("cannot write {}", to.display()))?;
+    dst.sync_all()?;
+    Ok(())
+}

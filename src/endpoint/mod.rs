@@ -1,0 +1,244 @@
+//! The exchange methods, one module each, behind one enum.
+//!
+//! An endpoint plays one role in all its links: **office** (where spr/flr come from and
+//! rep goes to) or **kassa** (where tills take spr/flr and leave rep). Two capabilities:
+//! - a *polled source* is scanned by the pump ([`Endpoint::take`]): dir, ftp, http-client;
+//! - a *push sink* is written by the pump ([`Endpoint::deliver`]): dir, ftp, http-client.
+//!
+//! The HTTP service for tills is neither: tills push reports into the store and pull
+//! packages from it themselves, so the pump leaves it alone.
+
+pub mod dir;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use crate::config::{Config, EndpointConfig, PosSet};
+use crate::package::{Direction, Kind, Package};
+use crate::store::Store;
+
+/// Which side of its links an endpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Office,
+    Kassa,
+}
+
+impl Role {
+    /// The kinds this endpoint is a source of.
+    pub fn takes(self) -> &'static [Kind] {
+        match self {
+            Role::Office => &Kind::DOWN,
+            Role::Kassa => &Kind::UP,
+        }
+    }
+    /// The direction of the packages this endpoint receives.
+    pub fn receives(self) -> Direction {
+        match self {
+            Role::Office => Direction::Up,
+            Role::Kassa => Direction::Down,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Office => "office",
+            Role::Kassa => "kassa",
+        }
+    }
+}
+
+/// The link that carries a till at an endpoint, and the endpoint on its other side.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub link: String,
+    pub peer: String,
+    pub pos: PosSet,
+}
+
+/// All links an endpoint takes part in (their till sets never overlap).
+#[derive(Debug, Clone)]
+pub struct Routes {
+    pub role: Role,
+    pub links: Vec<Route>,
+}
+
+impl Routes {
+    pub fn route(&self, pos: u32) -> Option<&Route> {
+        self.links.iter().find(|r| r.pos.contains(pos))
+    }
+}
+
+/// What one scan of a source did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TakeReport {
+    /// Packages committed to the store.
+    pub taken: u64,
+    /// Files present but not complete yet (still being written).
+    pub waiting: u64,
+    /// Files that could not be taken because of an error (logged).
+    pub failed: u64,
+    /// In dry-run mode: what would be taken.
+    pub planned: Vec<String>,
+}
+
+/// What one delivery pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct DeliverReport {
+    pub delivered: u64,
+    /// Packages that stay queued because the destination is busy (unconsumed file).
+    pub busy: u64,
+    /// Packages that stay queued because of an error (logged).
+    pub failed: u64,
+    pub planned: Vec<String>,
+}
+
+/// Logs a warning once per key (a file name that does not parse, an unknown till).
+#[derive(Debug, Default)]
+pub struct WarnOnce(Mutex<HashSet<String>>);
+
+impl WarnOnce {
+    pub fn first(&self, key: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string())
+    }
+    pub fn forget(&self, key: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+/// A UID for an flr package that came without one (PROTOCOL.md §4.1: the till answers the
+/// flr with a report that carries it).
+pub fn new_uid() -> String {
+    use rand::Rng;
+    let b: [u8; 16] = rand::thread_rng().gen();
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// One configured endpoint.
+pub enum Endpoint {
+    Dir(Arc<dir::DirEndpoint>),
+    /// Served to tills by the daemon; not polled, not pushed.
+    Passive {
+        name: String,
+        routes: Routes,
+    },
+}
+
+impl Endpoint {
+    pub fn name(&self) -> &str {
+        match self {
+            Endpoint::Dir(d) => &d.name,
+            Endpoint::Passive { name, .. } => name,
+        }
+    }
+
+    pub fn routes(&self) -> &Routes {
+        match self {
+            Endpoint::Dir(d) => &d.routes,
+            Endpoint::Passive { routes, .. } => routes,
+        }
+    }
+
+    pub fn is_push_sink(&self) -> bool {
+        matches!(self, Endpoint::Dir(_))
+    }
+
+    pub fn is_polled_source(&self) -> bool {
+        matches!(self, Endpoint::Dir(_))
+    }
+
+    /// Finishes what a crash interrupted: sources not yet told, sink writes not confirmed,
+    /// temp files left behind. Idempotent; the pump calls it before every pass.
+    pub async fn recover(&self, store: &Arc<Store>) -> anyhow::Result<()> {
+        match self {
+            Endpoint::Dir(d) => {
+                let (d, s) = (d.clone(), store.clone());
+                tokio::task::spawn_blocking(move || d.recover(&s)).await?
+            }
+            Endpoint::Passive { .. } => Ok(()),
+        }
+    }
+
+    /// Scans the source once and takes every complete package into the store.
+    pub async fn take(&self, store: &Arc<Store>, dry_run: bool) -> anyhow::Result<TakeReport> {
+        match self {
+            Endpoint::Dir(d) => {
+                let (d, s) = (d.clone(), store.clone());
+                tokio::task::spawn_blocking(move || d.take(&s, dry_run)).await?
+            }
+            Endpoint::Passive { .. } => Ok(TakeReport::default()),
+        }
+    }
+
+    /// Writes queued packages (of one link, one direction, ordered by till then id) to
+    /// the sink, in order per till; a till whose package cannot be written now is skipped
+    /// until the next pass.
+    pub async fn deliver(
+        &self,
+        store: &Arc<Store>,
+        queue: Vec<Package>,
+        dry_run: bool,
+    ) -> anyhow::Result<DeliverReport> {
+        match self {
+            Endpoint::Dir(d) => {
+                let (d, s) = (d.clone(), store.clone());
+                tokio::task::spawn_blocking(move || d.deliver(&s, queue, dry_run)).await?
+            }
+            Endpoint::Passive { .. } => Ok(DeliverReport::default()),
+        }
+    }
+}
+
+/// Builds every endpoint of the config with its routes.
+pub fn build(config: &Config) -> anyhow::Result<Vec<Endpoint>> {
+    let mut out = Vec::new();
+    for (name, ec) in &config.endpoints {
+        let mut role = None;
+        let mut links = Vec::new();
+        for l in &config.links {
+            if &l.office == name {
+                role = Some(Role::Office);
+                links.push(Route {
+                    link: l.name.clone(),
+                    peer: l.kassa.clone(),
+                    pos: l.pos.clone(),
+                });
+            } else if &l.kassa == name {
+                role = Some(Role::Kassa);
+                links.push(Route {
+                    link: l.name.clone(),
+                    peer: l.office.clone(),
+                    pos: l.pos.clone(),
+                });
+            }
+        }
+        let Some(role) = role else {
+            tracing::warn!(endpoint = %name, "endpoint is in no [[link]]; it is not used");
+            continue;
+        };
+        let routes = Routes { role, links };
+        let ep = match ec {
+            EndpointConfig::Dir(c) => {
+                Endpoint::Dir(Arc::new(dir::DirEndpoint::new(name, c.clone(), routes)))
+            }
+            other => {
+                anyhow::bail!(
+                    "endpoint {name:?}: type {:?} is not available in this build yet",
+                    other.type_name()
+                )
+            }
+        };
+        out.push(ep);
+    }
+    Ok(out)
+}

@@ -1,0 +1,17 @@
+//! kkm-bridge: bridges the exchange methods of «Штрих-М: Кассир 5» — an exchange directory,
+//! an FTP server (`.$n` names) and the HTTP service KKMTransfer — with back offices.
+//!
+//! The module map:
+//! - [`config`]: TOML → typed config; every error names file, key and reason.
+//! - [`package`]: what moves (spr/flr/rep), its file names, the base64/ZIP codec.
+//! - [`store`]: the durable store: SQLite journal + payload spool, the commit points.
+//! - [`endpoint`]: one module per exchange method (dir, ftp, http server, http client).
+//! - [`pump`]: moves packages source → store → sink, per till, in order.
+//! - [`cli`]: the subcommands and their exit codes.
+
+pub mod cli;
+pub mod config;
+pub mod endpoint;
+pub mod package;
+pub mod pump;
+pub mod store;

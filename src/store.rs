@@ -1,0 +1,746 @@
+//! The durable store: an SQLite journal (WAL, `synchronous = FULL`) and a spool of payload
+//! files under `state_dir`.
+//!
+//! Commit points (ARCHITECTURE.md):
+//! 1. **taken**: the payload is in a spool file (fsync'd, directory fsync'd) and its journal
+//!    row is committed. Only then is the source told (file deleted, DELE, errcode "0").
+//!    `source_done` records that the source was told, so a crash in between is finished on
+//!    the next start instead of taking the file twice.
+//! 2. **delivering**: the sink's temp name and final name are committed before the rename,
+//!    so a crash around the rename can be resolved by looking at the temp file.
+//! 3. **delivered**: the sink has it; the spool file is freed.
+//!
+//! Payloads live in spool files rather than SQLite blobs so that big packages stream and the
+//! journal stays small. One process per `state_dir`: an exclusive lock on `state_dir/lock`.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+use crate::package::{Direction, Kind, Package};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state_dir {dir}: another kkm-bridge process is using it{holder}; stop it first (a `run` daemon and a `sync` must not share a state_dir at the same time)")]
+    Locked { dir: String, holder: String },
+    #[error("state_dir {dir}: {what}: {source}")]
+    Io {
+        dir: String,
+        what: String,
+        source: io::Error,
+    },
+    #[error("journal {file}: {source}")]
+    Sql {
+        file: String,
+        source: rusqlite::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// What a source says about a package it hands over.
+#[derive(Debug, Clone)]
+pub struct Taken<'a> {
+    pub link: &'a str,
+    pub pos: u32,
+    pub kind: Kind,
+    pub uid: Option<&'a str>,
+    pub source_endpoint: &'a str,
+    pub source_name: &'a str,
+    pub source_seq: Option<i64>,
+    pub sink_endpoint: &'a str,
+}
+
+/// A payload written to the spool, fsync'd, not yet in the journal.
+#[derive(Debug)]
+pub struct Spooled {
+    pub file_name: String,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Writes a payload into the spool, hashing as it goes.
+pub struct SpoolWriter {
+    file: File,
+    path: PathBuf,
+    file_name: String,
+    hasher: Sha256,
+    size: u64,
+    dir: PathBuf,
+}
+
+impl Write for SpoolWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl SpoolWriter {
+    /// fsyncs the file and its directory.
+    pub fn finish(self) -> io::Result<Spooled> {
+        self.file.sync_all()?;
+        sync_dir(&self.dir)?;
+        Ok(Spooled {
+            file_name: self.file_name,
+            path: self.path,
+            sha256: hex::encode(self.hasher.finalize()),
+            size: self.size,
+        })
+    }
+}
+
+impl Spooled {
+    /// Throws away a payload that will not be committed.
+    pub fn discard(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// A package whose sink write was begun: its temp and final names at the sink.
+#[derive(Debug, Clone)]
+pub struct Delivering {
+    pub package: Package,
+    pub sink_name: String,
+    pub sink_tmp: String,
+}
+
+/// A taken package whose source may not have been told yet.
+#[derive(Debug, Clone)]
+pub struct SourcePending {
+    pub id: i64,
+    pub pos: u32,
+    pub kind: Kind,
+    pub source_name: String,
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// Counts for the end-of-run summary and the status view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub queued: u64,
+    pub delivered: u64,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    spool: PathBuf,
+    db_file: String,
+    conn: Mutex<Connection>,
+    _lock: File,
+}
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the journal, one row per package.
+    "CREATE TABLE package (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        link TEXT NOT NULL,
+        pos INTEGER NOT NULL,
+        direction TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        uid TEXT,
+        source_endpoint TEXT NOT NULL,
+        source_name TEXT NOT NULL,
+        source_seq INTEGER,
+        source_done INTEGER NOT NULL DEFAULT 0,
+        sink_endpoint TEXT NOT NULL,
+        sink_name TEXT,
+        sink_seq INTEGER,
+        sink_tmp TEXT,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        spool TEXT,
+        state TEXT NOT NULL,
+        taken_at INTEGER NOT NULL,
+        delivered_at INTEGER
+    );
+    CREATE INDEX package_queue ON package (link, direction, state, pos, id);
+    CREATE INDEX package_source ON package (source_endpoint, source_done);
+    CREATE INDEX package_source_seq ON package (source_endpoint, pos, source_seq);
+    CREATE INDEX package_sink ON package (sink_endpoint, state);",
+];
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// fsyncs a directory so that a rename or a new file in it survives a power cut.
+/// (Windows cannot open directories for this; NTFS journals renames itself.)
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        File::open(dir)?.sync_all()
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `state_dir` and takes its lock.
+    pub fn open(state_dir: &Path) -> Result<Store> {
+        let dir_s = state_dir.display().to_string();
+        let io_err = |what: &str, source: io::Error| StoreError::Io {
+            dir: dir_s.clone(),
+            what: what.to_string(),
+            source,
+        };
+        fs::create_dir_all(state_dir).map_err(|e| io_err("cannot create it", e))?;
+        let lock_path = state_dir.join("lock");
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(|e| io_err("cannot open the lock file", e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = lock.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(StoreError::Locked {
+                    dir: dir_s,
+                    holder: if holder.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {holder})")
+                    },
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock it", e)),
+        }
+        lock.set_len(0).ok();
+        let _ = write!(lock, "{}", std::process::id());
+        let _ = lock.flush();
+
+        let spool = state_dir.join("spool");
+        fs::create_dir_all(&spool).map_err(|e| io_err("cannot create spool/", e))?;
+        let db_path = state_dir.join("journal.sqlite");
+        let db_file = db_path.display().to_string();
+        let sql = |source| StoreError::Sql {
+            file: db_file.clone(),
+            source,
+        };
+        let conn = Connection::open(&db_path).map_err(sql)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(sql)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sql)?;
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            conn.execute_batch(&format!(
+                "BEGIN; {m}; PRAGMA user_version = {}; COMMIT;",
+                i + 1
+            ))
+            .map_err(sql)?;
+        }
+        let store = Store {
+            dir: state_dir.to_path_buf(),
+            spool,
+            db_file,
+            conn: Mutex::new(conn),
+            _lock: lock,
+        };
+        store.remove_orphan_spool_files()?;
+        Ok(store)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sql(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sql {
+            file: self.db_file.clone(),
+            source,
+        }
+    }
+
+    fn io(&self, what: impl Into<String>, source: io::Error) -> StoreError {
+        StoreError::Io {
+            dir: self.dir.display().to_string(),
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// Spool files not referenced by any journal row were written by a process that died
+    /// before committing them: their source still has the data, so they go.
+    fn remove_orphan_spool_files(&self) -> Result<()> {
+        let referenced: HashSet<String> = {
+            let conn = self.conn();
+            let mut st = conn
+                .prepare("SELECT spool FROM package WHERE spool IS NOT NULL")
+                .map_err(|e| self.sql(e))?;
+            let rows = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .map_err(|e| self.sql(e))?;
+            rows.collect::<std::result::Result<_, _>>()
+                .map_err(|e| self.sql(e))?
+        };
+        for entry in walkdir::WalkDir::new(&self.spool).min_depth(2).max_depth(2) {
+            let entry = entry.map_err(|e| self.io("cannot scan spool/", e.into()))?;
+            if !entry.file_type().is_file() {
+                continue;
+            }
+            let rel = entry
+                .path()
+                .strip_prefix(&self.spool)
+                .expect("walkdir stays under its root")
+                .to_string_lossy()
+                .replace('\\', "/");
+            if !referenced.contains(&rel) {
+                tracing::info!(file = %entry.path().display(), "removing a spool file no journal row references (left by a crash)");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// A new spool file to write a payload into.
+    pub fn spool_writer(&self) -> Result<SpoolWriter> {
+        use rand::Rng;
+        let r: u64 = rand::thread_rng().gen();
+        let shard = format!("{:02x}", r >> 56);
+        let dir = self.spool.join(&shard);
+        fs::create_dir_all(&dir).map_err(|e| self.io("cannot create a spool directory", e))?;
+        let name = format!("{r:016x}.pkg");
+        let path = dir.join(&name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| self.io(format!("cannot create {}", path.display()), e))?;
+        Ok(SpoolWriter {
+            file,
+            path,
+            file_name: format!("{shard}/{name}"),
+            hasher: Sha256::new(),
+            size: 0,
+            dir,
+        })
+    }
+
+    /// Spools bytes already in memory (small packages, HTTP bodies).
+    pub fn spool_bytes(&self, bytes: &[u8]) -> Result<Spooled> {
+        let mut w = self.spool_writer()?;
+        let path = w.path.clone();
+        w.write_all(bytes).and_then(|_| w.finish()).map_err(|e| {
+            let _ = fs::remove_file(&path);
+            self.io(format!("cannot write {}", path.display()), e)
+        })
+    }
+
+    /// Commit point 1: the package is in the store. Returns its journal id.
+    pub fn commit_taken(&self, t: &Taken<'_>, spooled: Spooled) -> Result<i64> {
+        let conn = self.conn();
+        let r = conn.execute(
+            "INSERT INTO package (link, pos, direction, kind, uid, source_endpoint, source_name,
+                source_seq, sink_endpoint, sha256, size, spool, state, taken_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'taken', ?13)",
+            params![
+                t.link,
+                t.pos,
+                t.kind.direction().as_str(),
+                t.kind.as_str(),
+                t.uid,
+                t.source_endpoint,
+                t.source_name,
+                t.source_seq,
+                t.sink_endpoint,
+                spooled.sha256,
+                spooled.size as i64,
+                spooled.file_name,
+                now_ms(),
+            ],
+        );
+        match r {
+            Ok(_) => Ok(conn.last_insert_rowid()),
+            Err(e) => {
+                drop(conn);
+                spooled.discard();
+                Err(self.sql(e))
+            }
+        }
+    }
+
+    /// The source was told (file deleted or archived, DELE done, till answered).
+    pub fn mark_source_done(&self, id: i64) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE package SET source_done = 1 WHERE id = ?1",
+                params![id],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Packages taken from `endpoint` whose source removal may not have happened.
+    pub fn source_pending(&self, endpoint: &str) -> Result<Vec<SourcePending>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare(
+                "SELECT id, pos, kind, source_name, sha256, size FROM package
+                 WHERE source_endpoint = ?1 AND source_done = 0 ORDER BY id",
+            )
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map(params![endpoint], |r| {
+                Ok(SourcePending {
+                    id: r.get(0)?,
+                    pos: r.get(1)?,
+                    kind: Kind::parse(&r.get::<_, String>(2)?).unwrap_or(Kind::Spr),
+                    source_name: r.get(3)?,
+                    sha256: r.get(4)?,
+                    size: r.get::<_, i64>(5)? as u64,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))
+    }
+
+    fn package_from_row(&self, r: &rusqlite::Row<'_>) -> rusqlite::Result<Package> {
+        let spool: Option<String> = r.get(9)?;
+        Ok(Package {
+            id: r.get(0)?,
+            link: r.get(1)?,
+            pos: r.get(2)?,
+            kind: Kind::parse(&r.get::<_, String>(3)?).unwrap_or(Kind::Spr),
+            source_seq: r.get(4)?,
+            source_name: r.get(5)?,
+            uid: r.get(6)?,
+            size: r.get::<_, i64>(7)? as u64,
+            sha256: r.get(8)?,
+            payload: spool.map(|s| self.spool.join(s)).unwrap_or_default(),
+        })
+    }
+
+    const PACKAGE_COLS: &'static str =
+        "id, link, pos, kind, source_seq, source_name, uid, size, sha256, spool";
+
+    /// Every package of a link and direction not yet delivered, by till, in order.
+    pub fn queue(&self, link: &str, direction: Direction) -> Result<Vec<Package>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM package WHERE link = ?1 AND direction = ?2
+                 AND state != 'delivered' ORDER BY pos, id",
+                Self::PACKAGE_COLS
+            ))
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map(params![link, direction.as_str()], |r| {
+                self.package_from_row(r)
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))
+    }
+
+    /// The first undelivered package of one till (what a pull sink serves next).
+    pub fn queue_head(
+        &self,
+        link: &str,
+        direction: Direction,
+        pos: u32,
+        after_id: Option<i64>,
+    ) -> Result<Option<Package>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM package WHERE link = ?1 AND direction = ?2 AND pos = ?3
+                 AND state != 'delivered' AND id > ?4 ORDER BY id LIMIT 1",
+                Self::PACKAGE_COLS
+            ))
+            .map_err(|e| self.sql(e))?;
+        st.query_row(
+            params![link, direction.as_str(), pos, after_id.unwrap_or(0)],
+            |r| self.package_from_row(r),
+        )
+        .optional()
+        .map_err(|e| self.sql(e))
+    }
+
+    /// One package by id.
+    pub fn package(&self, id: i64) -> Result<Option<Package>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare_cached(&format!(
+                "SELECT {} FROM package WHERE id = ?1",
+                Self::PACKAGE_COLS
+            ))
+            .map_err(|e| self.sql(e))?;
+        st.query_row(params![id], |r| self.package_from_row(r))
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Commit point 2: the sink write is begun under `sink_tmp`, to become `sink_name`.
+    pub fn mark_delivering(&self, id: i64, sink_name: &str, sink_tmp: &str) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE package SET state = 'delivering', sink_name = ?2, sink_tmp = ?3
+                 WHERE id = ?1",
+                params![id, sink_name, sink_tmp],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// A begun sink write did not happen (temp file still there, or the rename failed):
+    /// the package is queued again.
+    pub fn reset_to_taken(&self, id: i64) -> Result<()> {
+        self.conn()
+            .execute(
+                "UPDATE package SET state = 'taken', sink_name = NULL, sink_tmp = NULL
+                 WHERE id = ?1 AND state = 'delivering'",
+                params![id],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Packages to `sink_endpoint` whose write was begun and not confirmed.
+    pub fn delivering(&self, sink_endpoint: &str) -> Result<Vec<Delivering>> {
+        let conn = self.conn();
+        let mut st = conn
+            .prepare(&format!(
+                "SELECT {}, sink_name, sink_tmp FROM package
+                 WHERE sink_endpoint = ?1 AND state = 'delivering' ORDER BY id",
+                Self::PACKAGE_COLS
+            ))
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map(params![sink_endpoint], |r| {
+                Ok(Delivering {
+                    package: self.package_from_row(r)?,
+                    sink_name: r.get(10)?,
+                    sink_tmp: r.get(11)?,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Commit point 3: the sink has it. The spool file is freed.
+    pub fn mark_delivered(
+        &self,
+        id: i64,
+        sink_name: Option<&str>,
+        sink_seq: Option<i64>,
+    ) -> Result<()> {
+        let spool: Option<String> = {
+            let conn = self.conn();
+            let spool = conn
+                .query_row(
+                    "SELECT spool FROM package WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.sql(e))?
+                .flatten();
+            conn.execute(
+                "UPDATE package SET state = 'delivered', delivered_at = ?2,
+                   sink_name = COALESCE(?3, sink_name), sink_seq = COALESCE(?4, sink_seq),
+                   sink_tmp = NULL, spool = NULL
+                 WHERE id = ?1",
+                params![id, now_ms(), sink_name, sink_seq],
+            )
+            .map_err(|e| self.sql(e))?;
+            spool
+        };
+        if let Some(s) = spool {
+            let _ = fs::remove_file(self.spool.join(s));
+        }
+        Ok(())
+    }
+
+    /// Temp names at `sink_endpoint` that a begun delivery still needs.
+    pub fn sink_temps_in_use(&self, sink_endpoint: &str) -> Result<HashSet<String>> {
+        Ok(self
+            .delivering(sink_endpoint)?
+            .into_iter()
+            .map(|d| d.sink_tmp)
+            .collect())
+    }
+
+    /// A package already taken from this source under this till and number with this
+    /// content (SendData dedup).
+    pub fn find_by_source(
+        &self,
+        source_endpoint: &str,
+        pos: u32,
+        source_seq: i64,
+        sha256: &str,
+    ) -> Result<Option<i64>> {
+        self.conn()
+            .query_row(
+                "SELECT id FROM package WHERE source_endpoint = ?1 AND pos = ?2
+                 AND source_seq = ?3 AND sha256 = ?4 ORDER BY id DESC LIMIT 1",
+                params![source_endpoint, pos, source_seq, sha256],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Queued and delivered counts, for one link or all.
+    pub fn counts(&self, link: Option<&str>) -> Result<Counts> {
+        let conn = self.conn();
+        let (q, d): (i64, i64) = conn
+            .query_row(
+                "SELECT COALESCE(SUM(state != 'delivered'), 0), COALESCE(SUM(state = 'delivered'), 0)
+                 FROM package WHERE ?1 IS NULL OR link = ?1",
+                params![link],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(Counts {
+            queued: q as u64,
+            delivered: d as u64,
+        })
+    }
+
+    /// Runs a read-only query for reports (`status`, `journal`).
+    pub fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        f(&self.conn()).map_err(|e| self.sql(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn taken<'a>(pos: u32, name: &'a str) -> Taken<'a> {
+        Taken {
+            link: "l",
+            pos,
+            kind: Kind::Spr,
+            uid: None,
+            source_endpoint: "office",
+            source_name: name,
+            source_seq: Some(1),
+            sink_endpoint: "shop",
+        }
+    }
+
+    #[test]
+    fn a_second_process_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let _a = Store::open(d.path()).unwrap();
+        let e = Store::open(d.path()).err().unwrap();
+        assert!(matches!(e, StoreError::Locked { .. }), "{e}");
+        assert!(e.to_string().contains("another kkm-bridge process"));
+    }
+
+    #[test]
+    fn taken_then_delivered_frees_the_spool() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let sp = s.spool_bytes(b"hello").unwrap();
+        assert_eq!(sp.sha256, crate::package::sha256_hex(b"hello"));
+        let path = sp.path.clone();
+        let id = s.commit_taken(&taken(1, "POS1.spr.$1"), sp).unwrap();
+        let q = s.queue("l", Direction::Down).unwrap();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].read_bytes().unwrap(), b"hello");
+        assert_eq!(s.source_pending("office").unwrap().len(), 1);
+        s.mark_source_done(id).unwrap();
+        assert!(s.source_pending("office").unwrap().is_empty());
+        s.mark_delivering(id, "POS1.spr.$1", ".kkm-bridge.x.tmp")
+            .unwrap();
+        assert_eq!(s.delivering("shop").unwrap().len(), 1);
+        s.mark_delivered(id, None, Some(1)).unwrap();
+        assert!(!path.exists());
+        assert!(s.queue("l", Direction::Down).unwrap().is_empty());
+        assert_eq!(
+            s.counts(None).unwrap(),
+            Counts {
+                queued: 0,
+                delivered: 1
+            }
+        );
+    }
+
+    #[test]
+    fn orphan_spool_files_are_removed_at_open() {
+        let d = tempfile::tempdir().unwrap();
+        let (orphan, kept) = {
+            let s = Store::open(d.path()).unwrap();
+            let orphan = s.spool_bytes(b"orphan").unwrap().path;
+            let sp = s.spool_bytes(b"kept").unwrap();
+            let kept = sp.path.clone();
+            s.commit_taken(&taken(1, "a"), sp).unwrap();
+            (orphan, kept)
+        };
+        let _s = Store::open(d.path()).unwrap();
+        assert!(!orphan.exists());
+        assert!(kept.exists());
+    }
+
+    #[test]
+    fn queue_is_ordered_per_till() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        for (pos, name) in [(2, "a"), (1, "b"), (2, "c"), (1, "d")] {
+            let sp = s.spool_bytes(name.as_bytes()).unwrap();
+            s.commit_taken(&taken(pos, name), sp).unwrap();
+        }
+        let q: Vec<_> = s
+            .queue("l", Direction::Down)
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.pos, p.source_name))
+            .collect();
+        assert_eq!(
+            q,
+            [
+                (1, "b".into()),
+                (1, "d".into()),
+                (2, "a".into()),
+                (2, "c".into())
+            ]
+        );
+        let head = s
+            .queue_head("l", Direction::Down, 2, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!(head.source_name, "a");
+        let next = s
+            .queue_head("l", Direction::Down, 2, Some(head.id))
+            .unwrap()
+            .unwrap();
+        assert_eq!(next.source_name, "c");
+    }
+}
