@@ -8,10 +8,12 @@
 //! - [`endpoint`]: one module per exchange method (dir, ftp, http server, http client).
 //! - [`pump`]: moves packages source → store → sink, per till, in order.
 //! - [`cli`]: the subcommands and their exit codes.
+//! - [`failpoint`]: crash points the crash tests use.
 
 pub mod cli;
 pub mod config;
 pub mod endpoint;
+pub mod failpoint;
 pub mod package;
 pub mod pump;
 pub mod store;

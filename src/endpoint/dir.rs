@@ -21,6 +21,7 @@ use anyhow::Context as _;
 
 use super::{new_uid, DeliverReport, Role, Routes, TakeReport, WarnOnce};
 use crate::config::{DirConfig, Names};
+use crate::failpoint::crash_point;
 use crate::package::{is_temp_name, spr_marked_loaded, temp_name, Kind, NamePattern, Package};
 use crate::store::{sync_dir, Store, Taken};
 
@@ -125,6 +126,13 @@ impl DirEndpoint {
     // ---------------------------------------------------------------- recovery
 
     pub fn recover(&self, store: &Store) -> anyhow::Result<()> {
+        let dir = &self.config.path;
+        if !dir.exists() {
+            fs::create_dir_all(dir).with_context(|| {
+                format!("endpoint {}: cannot create {}", self.name, dir.display())
+            })?;
+            tracing::info!(endpoint = %self.name, path = %dir.display(), "created the exchange directory");
+        }
         // Sources whose removal a crash may have interrupted.
         for p in store.source_pending(&self.name)? {
             let path = self.path(&p.source_name);
@@ -268,6 +276,7 @@ impl DirEndpoint {
             spooled.discard();
             return Ok(false); // still being written; next pass
         }
+        crash_point("after-spool");
         let uid = (c.kind == Kind::Flr).then(new_uid);
         let size = spooled.size;
         let id = store.commit_taken(
@@ -284,7 +293,9 @@ impl DirEndpoint {
             spooled,
         )?;
         tracing::info!(endpoint = %self.name, link = %route.link, till = c.pos, kind = %c.kind, package = id, bytes = size, "taken {}", c.entry.name);
+        crash_point("after-taken");
         self.remove_source(&c.entry.name, id)?;
+        crash_point("after-source-removed");
         store.mark_source_done(id)?;
         Ok(true)
     }
@@ -420,6 +431,7 @@ impl DirEndpoint {
             return Err(e);
         }
         store.mark_delivering(pkg.id, &final_name, &tmp_name)?;
+        crash_point("after-delivering");
         let dest = self.path(&final_name);
         if let Err(e) = fs::rename(&tmp, &dest) {
             let _ = fs::remove_file(&tmp);
@@ -429,6 +441,7 @@ impl DirEndpoint {
         }
         sync_dir(&self.config.path)
             .with_context(|| format!("cannot fsync {}", self.config.path.display()))?;
+        crash_point("after-rename");
         store.mark_delivered(pkg.id, Some(&final_name), n.map(i64::from))?;
         if let Some(n) = n {
             highest.insert((pkg.pos, pkg.kind), n);
