@@ -115,7 +115,7 @@ fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 
 fn spr(pos: u32, n: u32) -> Vec<u8> {
     // A real-shaped spr: the fixture with a marker line, so every package differs.
-    let mut b = fixture(if n % 2 == 0 {
+    let mut b = fixture(if n.is_multiple_of(2) {
         "POS1.spr.cp1251"
     } else {
         "POS1.spr.utf8bom"
