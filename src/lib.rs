@@ -8,6 +8,7 @@
 //! - [`endpoint`]: one module per exchange method (dir, ftp, http server, http client).
 //! - [`pump`]: moves packages source → store → sink, per till, in order.
 //! - [`cli`]: the subcommands and their exit codes.
+//! - [`sim`]: a back office and a till simulator, for trying the bridge and for tests.
 //! - [`failpoint`]: crash points the crash tests use.
 
 pub mod cli;
@@ -16,4 +17,5 @@ pub mod endpoint;
 pub mod failpoint;
 pub mod package;
 pub mod pump;
+pub mod sim;
 pub mod store;

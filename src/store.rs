@@ -171,6 +171,15 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX package_source ON package (source_endpoint, source_done);
     CREATE INDEX package_source_seq ON package (source_endpoint, pos, source_seq);
     CREATE INDEX package_sink ON package (sink_endpoint, state);",
+    // 2: package counters of the bridge acting as a till (http-client): the next number
+    // to request (dir 'receive') and the next report number to send (dir 'send').
+    "CREATE TABLE client_counter (
+        endpoint TEXT NOT NULL,
+        pos INTEGER NOT NULL,
+        dir TEXT NOT NULL,
+        next INTEGER NOT NULL,
+        PRIMARY KEY (endpoint, pos, dir)
+    );",
 ];
 
 pub fn now_ms() -> i64 {
@@ -390,6 +399,121 @@ impl Store {
                 Err(self.sql(e))
             }
         }
+    }
+
+    /// Commit point 1 for a numbered source (the bridge acting as a till): the package row
+    /// and the till's next package number are committed in one transaction, so a crash can
+    /// neither lose the package nor request it again under a new number.
+    pub fn commit_taken_counted(
+        &self,
+        t: &Taken<'_>,
+        spooled: Spooled,
+        next_number: i64,
+    ) -> Result<i64> {
+        let mut conn = self.conn();
+        let r = (|| -> rusqlite::Result<i64> {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO package (link, pos, direction, kind, uid, source_endpoint, source_name,
+                    source_seq, source_done, sink_endpoint, sha256, size, spool, state, taken_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?10, ?11, ?12, 'taken', ?13)",
+                params![
+                    t.link,
+                    t.pos,
+                    t.kind.direction().as_str(),
+                    t.kind.as_str(),
+                    t.uid,
+                    t.source_endpoint,
+                    t.source_name,
+                    t.source_seq,
+                    t.sink_endpoint,
+                    spooled.sha256,
+                    spooled.size as i64,
+                    spooled.file_name,
+                    now_ms(),
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            tx.execute(
+                "INSERT INTO client_counter (endpoint, pos, dir, next) VALUES (?1, ?2, 'receive', ?3)
+                 ON CONFLICT (endpoint, pos, dir) DO UPDATE SET next = excluded.next",
+                params![t.source_endpoint, t.pos, next_number],
+            )?;
+            tx.commit()?;
+            Ok(id)
+        })();
+        match r {
+            Ok(id) => Ok(id),
+            Err(e) => {
+                drop(conn);
+                spooled.discard();
+                Err(self.sql(e))
+            }
+        }
+    }
+
+    /// The next package number the bridge, acting as till `pos`, asks `endpoint` for.
+    pub fn client_counter(&self, endpoint: &str, pos: u32, dir: &str) -> Result<i64> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT next FROM client_counter WHERE endpoint = ?1 AND pos = ?2 AND dir = ?3",
+                params![endpoint, pos, dir],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sql(e))?
+            .unwrap_or(1))
+    }
+
+    /// Sets a till's counter (the "reset my counter" case, or an operator's fix).
+    pub fn set_client_counter(&self, endpoint: &str, pos: u32, dir: &str, next: i64) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO client_counter (endpoint, pos, dir, next) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (endpoint, pos, dir) DO UPDATE SET next = excluded.next",
+                params![endpoint, pos, dir, next],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// Commit point 2 for a numbered sink (SendData): gives package `id` its report number,
+    /// once. A package already being sent keeps its number, so a retry after a crash sends
+    /// the same number again and the back office answers "already processed".
+    pub fn begin_numbered_send(&self, id: i64, endpoint: &str, pos: u32) -> Result<i64> {
+        let mut conn = self.conn();
+        let r = (|| -> rusqlite::Result<i64> {
+            let tx = conn.transaction()?;
+            let (state, seq): (String, Option<i64>) = tx.query_row(
+                "SELECT state, sink_seq FROM package WHERE id = ?1",
+                params![id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            if let (true, Some(n)) = (state == "delivering", seq) {
+                return Ok(n);
+            }
+            let n: i64 = tx
+                .query_row(
+                    "SELECT next FROM client_counter WHERE endpoint = ?1 AND pos = ?2 AND dir = 'send'",
+                    params![endpoint, pos],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(1);
+            tx.execute(
+                "INSERT INTO client_counter (endpoint, pos, dir, next) VALUES (?1, ?2, 'send', ?3)
+                 ON CONFLICT (endpoint, pos, dir) DO UPDATE SET next = excluded.next",
+                params![endpoint, pos, n + 1],
+            )?;
+            tx.execute(
+                "UPDATE package SET state = 'delivering', sink_seq = ?2, sink_name = ?3 WHERE id = ?1",
+                params![id, n, format!("SendData/{pos}/{n}")],
+            )?;
+            tx.commit()?;
+            Ok(n)
+        })();
+        r.map_err(|e| self.sql(e))
     }
 
     /// The source was told (file deleted or archived, DELE done, till answered).

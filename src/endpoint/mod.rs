@@ -9,6 +9,7 @@
 //! packages from it themselves, so the pump leaves it alone.
 
 pub mod dir;
+pub mod http_client;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -108,6 +109,54 @@ impl WarnOnce {
     }
 }
 
+/// Reachability of an endpoint, logged once per change (never once per poll).
+#[derive(Debug)]
+pub struct Health {
+    name: String,
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct HealthState {
+    /// None until the first attempt.
+    pub reachable: Option<bool>,
+    pub last_error: Option<String>,
+}
+
+impl Health {
+    pub fn new(name: &str) -> Health {
+        Health {
+            name: name.to_string(),
+            state: Mutex::new(HealthState::default()),
+        }
+    }
+
+    pub fn ok(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.reachable == Some(false) {
+            tracing::info!(endpoint = %self.name, "endpoint {} is reachable again", self.name);
+        }
+        s.reachable = Some(true);
+    }
+
+    pub fn failed(&self, error: &str) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.reachable != Some(false) || s.last_error.as_deref() != Some(error) {
+            if s.reachable != Some(false) {
+                tracing::error!(endpoint = %self.name, "endpoint {} failed: {error}", self.name);
+            } else {
+                tracing::debug!(endpoint = %self.name, "endpoint {} still failing: {error}", self.name);
+            }
+        }
+        s.reachable = Some(false);
+        s.last_error = Some(error.to_string());
+    }
+
+    pub fn get(&self) -> HealthState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// A UID for an flr package that came without one (PROTOCOL.md §4.1: the till answers the
 /// flr with a report that carries it).
 pub fn new_uid() -> String {
@@ -127,6 +176,7 @@ pub fn new_uid() -> String {
 /// One configured endpoint.
 pub enum Endpoint {
     Dir(Arc<dir::DirEndpoint>),
+    HttpClient(Arc<http_client::HttpClientEndpoint>),
     /// Served to tills by the daemon; not polled, not pushed.
     Passive {
         name: String,
@@ -138,6 +188,7 @@ impl Endpoint {
     pub fn name(&self) -> &str {
         match self {
             Endpoint::Dir(d) => &d.name,
+            Endpoint::HttpClient(c) => &c.name,
             Endpoint::Passive { name, .. } => name,
         }
     }
@@ -145,16 +196,17 @@ impl Endpoint {
     pub fn routes(&self) -> &Routes {
         match self {
             Endpoint::Dir(d) => &d.routes,
+            Endpoint::HttpClient(c) => &c.routes,
             Endpoint::Passive { routes, .. } => routes,
         }
     }
 
     pub fn is_push_sink(&self) -> bool {
-        matches!(self, Endpoint::Dir(_))
+        matches!(self, Endpoint::Dir(_) | Endpoint::HttpClient(_))
     }
 
     pub fn is_polled_source(&self) -> bool {
-        matches!(self, Endpoint::Dir(_))
+        matches!(self, Endpoint::Dir(_) | Endpoint::HttpClient(_))
     }
 
     /// Finishes what a crash interrupted: sources not yet told, sink writes not confirmed,
@@ -165,7 +217,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.recover(&s)).await?
             }
-            Endpoint::Passive { .. } => Ok(()),
+            Endpoint::HttpClient(_) | Endpoint::Passive { .. } => Ok(()),
         }
     }
 
@@ -176,6 +228,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.take(&s, dry_run)).await?
             }
+            Endpoint::HttpClient(c) => Ok(c.take(store, dry_run).await),
             Endpoint::Passive { .. } => Ok(TakeReport::default()),
         }
     }
@@ -194,6 +247,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.deliver(&s, queue, dry_run)).await?
             }
+            Endpoint::HttpClient(c) => Ok(c.deliver(store, queue, dry_run).await),
             Endpoint::Passive { .. } => Ok(DeliverReport::default()),
         }
     }
@@ -231,6 +285,9 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Endpoint>> {
             EndpointConfig::Dir(c) => {
                 Endpoint::Dir(Arc::new(dir::DirEndpoint::new(name, c.clone(), routes)))
             }
+            EndpointConfig::HttpClient(c) => Endpoint::HttpClient(Arc::new(
+                http_client::HttpClientEndpoint::new(name, c.clone(), routes)?,
+            )),
             other => {
                 anyhow::bail!(
                     "endpoint {name:?}: type {:?} is not available in this build yet",
