@@ -7,6 +7,7 @@
 //! - [`store`]: the durable store: SQLite journal + payload spool, the commit points.
 //! - [`endpoint`]: one module per exchange method (dir, ftp, http server, http client).
 //! - [`pump`]: moves packages source → store → sink, per till, in order.
+//! - [`watch`]: the daemon's wake-ups (filesystem events, timers, reports, shutdown).
 //! - [`cli`]: the subcommands and their exit codes.
 
 pub mod cli;
@@ -15,3 +16,4 @@ pub mod endpoint;
 pub mod package;
 pub mod pump;
 pub mod store;
+pub mod watch;

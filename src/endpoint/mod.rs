@@ -9,6 +9,7 @@
 //! packages from it themselves, so the pump leaves it alone.
 
 pub mod dir;
+pub mod http_server;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -127,25 +128,23 @@ pub fn new_uid() -> String {
 /// One configured endpoint.
 pub enum Endpoint {
     Dir(Arc<dir::DirEndpoint>),
-    /// Served to tills by the daemon; not polled, not pushed.
-    Passive {
-        name: String,
-        routes: Routes,
-    },
+    /// KKMTransfer served to tills by the daemon; not polled, not pushed: tills pull
+    /// packages from the store and push reports into it themselves.
+    Http(Arc<http_server::HttpServerEndpoint>),
 }
 
 impl Endpoint {
     pub fn name(&self) -> &str {
         match self {
             Endpoint::Dir(d) => &d.name,
-            Endpoint::Passive { name, .. } => name,
+            Endpoint::Http(h) => &h.name,
         }
     }
 
     pub fn routes(&self) -> &Routes {
         match self {
             Endpoint::Dir(d) => &d.routes,
-            Endpoint::Passive { routes, .. } => routes,
+            Endpoint::Http(h) => &h.routes,
         }
     }
 
@@ -165,7 +164,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.recover(&s)).await?
             }
-            Endpoint::Passive { .. } => Ok(()),
+            Endpoint::Http(_) => Ok(()),
         }
     }
 
@@ -176,7 +175,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.take(&s, dry_run)).await?
             }
-            Endpoint::Passive { .. } => Ok(TakeReport::default()),
+            Endpoint::Http(_) => Ok(TakeReport::default()),
         }
     }
 
@@ -194,7 +193,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.deliver(&s, queue, dry_run)).await?
             }
-            Endpoint::Passive { .. } => Ok(DeliverReport::default()),
+            Endpoint::Http(_) => Ok(DeliverReport::default()),
         }
     }
 }
@@ -231,6 +230,9 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Endpoint>> {
             EndpointConfig::Dir(c) => {
                 Endpoint::Dir(Arc::new(dir::DirEndpoint::new(name, c.clone(), routes)))
             }
+            EndpointConfig::Http(c) => Endpoint::Http(Arc::new(
+                http_server::HttpServerEndpoint::new(name, c.clone(), routes),
+            )),
             other => {
                 anyhow::bail!(
                     "endpoint {name:?}: type {:?} is not available in this build yet",
