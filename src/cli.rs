@@ -60,6 +60,9 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The daemon: serve HTTP endpoints to tills, watch directories, move packages as
+    /// they come, until SIGINT/SIGTERM (then finish what is in flight and exit 0).
+    Run,
     /// Check the config and exit (0 good, 78 bad).
     Validate,
 }
@@ -123,6 +126,7 @@ pub fn main_with(cli: Cli) -> ExitCode {
     let code = rt.block_on(async move {
         match cli.command {
             Command::Sync { dry_run } => sync(&cli.config, dry_run).await,
+            Command::Run => run(&cli.config).await,
             Command::Validate => match load_config(&cli.config) {
                 Ok(c) => {
                     println!(
@@ -221,4 +225,78 @@ pub async fn sync(config_path: &std::path::Path, dry_run: bool) -> u8 {
         }
         EXIT_QUEUED
     }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// `kkm-bridge run`: the daemon (see [`crate::watch`]).
+pub async fn run(config_path: &std::path::Path) -> u8 {
+    let config = match load_config(config_path) {
+        Ok(c) => Arc::new(c),
+        Err(code) => return code,
+    };
+    let store = match open_store(&config) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    // A fresh install: the folders of directory endpoints may not exist yet.
+    for (name, ec) in &config.endpoints {
+        if let EndpointConfig::Dir(d) = ec {
+            if !d.path.exists() {
+                match std::fs::create_dir_all(&d.path) {
+                    Ok(()) => {
+                        tracing::warn!(endpoint = %name, path = %d.path.display(), "the folder did not exist; created it")
+                    }
+                    Err(e) => {
+                        tracing::error!(endpoint = %name, path = %d.path.display(), "the folder does not exist and cannot be created: {e}")
+                    }
+                }
+            }
+        }
+    }
+    let pump = match Pump::new(config.clone(), store.clone()) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            eprintln!("kkm-bridge: {e:#}");
+            return EXIT_CONFIG;
+        }
+    };
+    let daemon = crate::watch::Daemon::new(pump.clone());
+    let listeners = crate::watch::bind_http(&pump).await;
+    let (stop_tx, shutdown) = crate::watch::Shutdown::new();
+    tokio::spawn(async move {
+        stop_signal().await;
+        tracing::info!("stopping: finishing what is in flight");
+        let _ = stop_tx.send(true);
+    });
+    tracing::info!(
+        endpoints = pump.endpoints.len(),
+        links = config.links.len(),
+        state_dir = %config.state_dir.display(),
+        "kkm-bridge running; stop with Ctrl-C or SIGTERM"
+    );
+    crate::watch::run(daemon, listeners, shutdown).await;
+    tracing::info!("stopped");
+    EXIT_OK
 }

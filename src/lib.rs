@@ -7,6 +7,7 @@
 //! - [`store`]: the durable store: SQLite journal + payload spool, the commit points.
 //! - [`endpoint`]: one module per exchange method (dir, ftp, http server, http client).
 //! - [`pump`]: moves packages source → store → sink, per till, in order.
+//! - [`watch`]: the daemon's wake-ups (filesystem events, timers, reports, shutdown).
 //! - [`cli`]: the subcommands and their exit codes.
 //! - [`sim`]: a back office and a till simulator, for trying the bridge and for tests.
 //! - [`failpoint`]: crash points the crash tests use.
@@ -19,3 +20,4 @@ pub mod package;
 pub mod pump;
 pub mod sim;
 pub mod store;
+pub mod watch;

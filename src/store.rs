@@ -128,6 +128,17 @@ pub struct SourcePending {
     pub size: u64,
 }
 
+/// What an HTTP endpoint last served to one till (PROTOCOL.md §4.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Served {
+    /// The number the till asked for.
+    pub number: i64,
+    /// The package served under it; `None` once acknowledged with nothing queued after it.
+    pub package_id: Option<i64>,
+    /// How many times the till asked for an unexpected number (counter reset, reinstall).
+    pub resets: i64,
+}
+
 /// Counts for the end-of-run summary and the status view.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
@@ -171,7 +182,19 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX package_source ON package (source_endpoint, source_done);
     CREATE INDEX package_source_seq ON package (source_endpoint, pos, source_seq);
     CREATE INDEX package_sink ON package (sink_endpoint, state);",
-    // 2: package counters of the bridge acting as a till (http-client): the next number
+    // 2: what an HTTP endpoint last served to each till, under which number
+    // (PROTOCOL.md §4.1). `package_id` NULL: the last package was acknowledged and nothing
+    // was queued; `resets` counts requests with an unexpected number.
+    "CREATE TABLE served (
+        endpoint TEXT NOT NULL,
+        pos INTEGER NOT NULL,
+        number INTEGER NOT NULL,
+        package_id INTEGER,
+        resets INTEGER NOT NULL DEFAULT 0,
+        served_at INTEGER NOT NULL,
+        PRIMARY KEY (endpoint, pos)
+    );",
+    // 3: package counters of the bridge acting as a till (http-client): the next number
     // to request (dir 'receive') and the next report number to send (dir 'send').
     "CREATE TABLE client_counter (
         endpoint TEXT NOT NULL,
@@ -736,6 +759,142 @@ impl Store {
                 |r| r.get(0),
             )
             .optional()
+            .map_err(|e| self.sql(e))
+    }
+
+    /// A package already taken from this source under this till and number, whatever its
+    /// content (SendData: same number, new content).
+    pub fn source_seq_seen(
+        &self,
+        source_endpoint: &str,
+        pos: u32,
+        source_seq: i64,
+    ) -> Result<bool> {
+        self.conn()
+            .query_row(
+                "SELECT 1 FROM package WHERE source_endpoint = ?1 AND pos = ?2
+                 AND source_seq = ?3 LIMIT 1",
+                params![source_endpoint, pos, source_seq],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|o| o.is_some())
+            .map_err(|e| self.sql(e))
+    }
+
+    /// What `endpoint` last served to till `pos`.
+    pub fn served(&self, endpoint: &str, pos: u32) -> Result<Option<Served>> {
+        self.conn()
+            .query_row(
+                "SELECT number, package_id, resets FROM served WHERE endpoint = ?1 AND pos = ?2",
+                params![endpoint, pos],
+                |r| {
+                    Ok(Served {
+                        number: r.get(0)?,
+                        package_id: r.get(1)?,
+                        resets: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.sql(e))
+    }
+
+    /// Records that `package_id` is served to till `pos` under `number`, without
+    /// acknowledging anything. `reset`: the till asked for an unexpected number (counted).
+    pub fn set_served(
+        &self,
+        endpoint: &str,
+        pos: u32,
+        number: i64,
+        package_id: Option<i64>,
+        reset: bool,
+    ) -> Result<()> {
+        self.conn()
+            .execute(
+                "INSERT INTO served (endpoint, pos, number, package_id, resets, served_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (endpoint, pos) DO UPDATE SET number = excluded.number,
+                   package_id = excluded.package_id, resets = resets + excluded.resets,
+                   served_at = excluded.served_at",
+                params![endpoint, pos, number, package_id, reset as i64, now_ms()],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(())
+    }
+
+    /// The till asked for the number after `acked_number`: in one transaction, package
+    /// `acked_id` becomes delivered (`sink_seq = acked_number`) and the next queued package
+    /// of (`link`, till `pos`, down) is recorded as served under `number`. Returns that
+    /// package (None: nothing queued). The acknowledged package's spool file is freed after
+    /// the commit.
+    pub fn ack_served(
+        &self,
+        endpoint: &str,
+        link: &str,
+        pos: u32,
+        acked_id: i64,
+        acked_number: i64,
+        number: i64,
+    ) -> Result<Option<Package>> {
+        let (spool, next) = {
+            let mut conn = self.conn();
+            let tx = conn.transaction().map_err(|e| self.sql(e))?;
+            let spool: Option<String> = tx
+                .query_row(
+                    "SELECT spool FROM package WHERE id = ?1",
+                    params![acked_id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.sql(e))?
+                .flatten();
+            tx.execute(
+                "UPDATE package SET state = 'delivered', delivered_at = ?2, sink_seq = ?3,
+                   sink_tmp = NULL, spool = NULL
+                 WHERE id = ?1 AND state != 'delivered'",
+                params![acked_id, now_ms(), acked_number],
+            )
+            .map_err(|e| self.sql(e))?;
+            let next = tx
+                .query_row(
+                    &format!(
+                        "SELECT {} FROM package WHERE link = ?1 AND direction = 'down'
+                         AND pos = ?2 AND state != 'delivered' ORDER BY id LIMIT 1",
+                        Self::PACKAGE_COLS
+                    ),
+                    params![link, pos],
+                    |r| self.package_from_row(r),
+                )
+                .optional()
+                .map_err(|e| self.sql(e))?;
+            tx.execute(
+                "INSERT INTO served (endpoint, pos, number, package_id, resets, served_at)
+                 VALUES (?1, ?2, ?3, ?4, 0, ?5)
+                 ON CONFLICT (endpoint, pos) DO UPDATE SET number = excluded.number,
+                   package_id = excluded.package_id, served_at = excluded.served_at",
+                params![endpoint, pos, number, next.as_ref().map(|p| p.id), now_ms()],
+            )
+            .map_err(|e| self.sql(e))?;
+            tx.commit().map_err(|e| self.sql(e))?;
+            (spool, next)
+        };
+        if let Some(s) = spool {
+            let _ = fs::remove_file(self.spool.join(s));
+        }
+        Ok(next)
+    }
+
+    /// Whether a package is still waiting for its sink (not delivered).
+    pub fn is_pending(&self, id: i64) -> Result<bool> {
+        self.conn()
+            .query_row(
+                "SELECT state != 'delivered' FROM package WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, bool>(0),
+            )
+            .optional()
+            .map(|o| o.unwrap_or(false))
             .map_err(|e| self.sql(e))
     }
 

@@ -10,6 +10,7 @@
 
 pub mod dir;
 pub mod http_client;
+pub mod http_server;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -177,11 +178,9 @@ pub fn new_uid() -> String {
 pub enum Endpoint {
     Dir(Arc<dir::DirEndpoint>),
     HttpClient(Arc<http_client::HttpClientEndpoint>),
-    /// Served to tills by the daemon; not polled, not pushed.
-    Passive {
-        name: String,
-        routes: Routes,
-    },
+    /// KKMTransfer served to tills by the daemon; not polled, not pushed: tills pull
+    /// packages from the store and push reports into it themselves.
+    Http(Arc<http_server::HttpServerEndpoint>),
 }
 
 impl Endpoint {
@@ -189,7 +188,7 @@ impl Endpoint {
         match self {
             Endpoint::Dir(d) => &d.name,
             Endpoint::HttpClient(c) => &c.name,
-            Endpoint::Passive { name, .. } => name,
+            Endpoint::Http(h) => &h.name,
         }
     }
 
@@ -197,7 +196,7 @@ impl Endpoint {
         match self {
             Endpoint::Dir(d) => &d.routes,
             Endpoint::HttpClient(c) => &c.routes,
-            Endpoint::Passive { routes, .. } => routes,
+            Endpoint::Http(h) => &h.routes,
         }
     }
 
@@ -217,7 +216,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.recover(&s)).await?
             }
-            Endpoint::HttpClient(_) | Endpoint::Passive { .. } => Ok(()),
+            Endpoint::HttpClient(_) | Endpoint::Http(_) => Ok(()),
         }
     }
 
@@ -229,7 +228,7 @@ impl Endpoint {
                 tokio::task::spawn_blocking(move || d.take(&s, dry_run)).await?
             }
             Endpoint::HttpClient(c) => Ok(c.take(store, dry_run).await),
-            Endpoint::Passive { .. } => Ok(TakeReport::default()),
+            Endpoint::Http(_) => Ok(TakeReport::default()),
         }
     }
 
@@ -248,7 +247,7 @@ impl Endpoint {
                 tokio::task::spawn_blocking(move || d.deliver(&s, queue, dry_run)).await?
             }
             Endpoint::HttpClient(c) => Ok(c.deliver(store, queue, dry_run).await),
-            Endpoint::Passive { .. } => Ok(DeliverReport::default()),
+            Endpoint::Http(_) => Ok(DeliverReport::default()),
         }
     }
 }
@@ -287,6 +286,9 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Endpoint>> {
             }
             EndpointConfig::HttpClient(c) => Endpoint::HttpClient(Arc::new(
                 http_client::HttpClientEndpoint::new(name, c.clone(), routes)?,
+            )),
+            EndpointConfig::Http(c) => Endpoint::Http(Arc::new(
+                http_server::HttpServerEndpoint::new(name, c.clone(), routes),
             )),
             other => {
                 anyhow::bail!(

@@ -1,0 +1,583 @@
+//! The HTTP service KKMTransfer served to tills (PROTOCOL.md §4.1–§4.2), as «Торговое
+//! предприятие» would serve it.
+//!
+//! This endpoint is neither polled nor pushed by the pump: tills pull their packages
+//! (ReceiveData) straight from the store and push their reports (SendData) straight into
+//! it. What it keeps per till is the `served` row of the journal: the package it served
+//! last and the number it served it under. Asking for that number + 1 acknowledges it.
+//!
+//! Protocol-level errors are HTTP 200 with a JSON `errcode` (tills read the JSON);
+//! authentication errors are 401/403. Every message names the till and the number.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use http_body_util::BodyExt;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::Routes;
+use crate::config::{AuthMode, HttpConfig, UserConfig};
+use crate::package::{
+    decode_base64, encode_zip_base64, sha256_hex, unzip_if_zipped, zip_entry_name, CodecError,
+    Direction, Kind, Package,
+};
+use crate::store::{Store, Taken};
+
+/// errcode values (PROTOCOL.md §4.1, §4.2): strings, as in the vendor examples.
+pub mod errcode {
+    pub const OK: &str = "0";
+    /// SendData: a package with this number (and this content) was already processed.
+    pub const ALREADY: &str = "1";
+    /// Any other error: bad input, unknown till, …
+    pub const ERROR: &str = "2";
+    /// ReceiveData: nothing to send.
+    pub const NO_DATA: &str = "3";
+}
+
+/// The vendor's text for errcode "3".
+pub const NO_DATA_MESSAGE: &str = "Не найдены данные для отправки";
+
+/// Called with the link name after a report is stored, so that the daemon delivers it to
+/// the office side promptly.
+pub type OnReport = Arc<dyn Fn(&str) + Send + Sync>;
+
+pub struct HttpServerEndpoint {
+    pub name: String,
+    pub config: HttpConfig,
+    pub routes: Routes,
+    /// Serialises the read-modify-write of the serving state and the SendData dedup.
+    serving: Mutex<()>,
+}
+
+/// What a till gets from ReceiveData.
+#[derive(Debug, Serialize)]
+struct ReceiveReply {
+    data: String,
+    errcode: &'static str,
+    errmessage: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    packagetype: Option<&'static str>,
+    #[serde(rename = "UID", skip_serializing_if = "Option::is_none")]
+    uid: Option<String>,
+}
+
+/// What a till gets from SendData (and any error reply).
+#[derive(Debug, Serialize)]
+struct SendReply {
+    errcode: &'static str,
+    errmessage: String,
+}
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
+    let bytes = serde_json::to_vec(body).expect("replies always serialise");
+    let mut r = (status, bytes).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+fn receive_error(status: StatusCode, code: &'static str, msg: String) -> Response {
+    json_response(
+        status,
+        &ReceiveReply {
+            data: String::new(),
+            errcode: code,
+            errmessage: msg,
+            packagetype: None,
+            uid: None,
+        },
+    )
+}
+
+fn send_reply(status: StatusCode, code: &'static str, msg: String) -> Response {
+    json_response(
+        status,
+        &SendReply {
+            errcode: code,
+            errmessage: msg,
+        },
+    )
+}
+
+/// Which reply shape an error takes.
+#[derive(Clone, Copy)]
+enum Method {
+    Receive,
+    Send,
+}
+
+impl Method {
+    fn error(self, status: StatusCode, code: &'static str, msg: String) -> Box<Response> {
+        Box::new(match self {
+            Method::Receive => receive_error(status, code, msg),
+            Method::Send => send_reply(status, code, msg),
+        })
+    }
+}
+
+fn sha(b: &[u8]) -> [u8; 32] {
+    Sha256::digest(b).into()
+}
+
+/// Compares the digests so that the time taken does not depend on where the passwords
+/// differ.
+fn same_secret(given: &str, expected: &str) -> bool {
+    let (a, b) = (sha(given.as_bytes()), sha(expected.as_bytes()));
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// The till request, checked up to the link that carries the till.
+struct Checked {
+    pos: u32,
+    number: i64,
+    link: String,
+    office: String,
+}
+
+impl HttpServerEndpoint {
+    pub fn new(name: &str, config: HttpConfig, routes: Routes) -> HttpServerEndpoint {
+        HttpServerEndpoint {
+            name: name.to_string(),
+            config,
+            routes,
+            serving: Mutex::new(()),
+        }
+    }
+
+    /// HTTP Basic: the user whose login and password match, or why not.
+    fn authenticate(&self, headers: &HeaderMap) -> Result<Option<&UserConfig>, Box<Response>> {
+        if self.config.auth == AuthMode::None {
+            return Ok(None);
+        }
+        let unauthorized = |why: &str| {
+            let mut r = send_reply(
+                StatusCode::UNAUTHORIZED,
+                errcode::ERROR,
+                format!("Требуется авторизация: {why}"),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"KKMTransfer\", charset=\"UTF-8\""),
+            );
+            Box::new(r)
+        };
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(unauthorized("нет заголовка Authorization"));
+        };
+        let creds = value
+            .to_str()
+            .ok()
+            .and_then(|v| {
+                let (scheme, rest) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("basic").then_some(rest)
+            })
+            .and_then(|b64| decode_base64(b64.as_bytes()).ok())
+            .and_then(|raw| String::from_utf8(raw).ok());
+        let Some(creds) = creds else {
+            return Err(unauthorized("неверный заголовок Authorization"));
+        };
+        let (login, password) = creds.split_once(':').unwrap_or((creds.as_str(), ""));
+        let mut found = None;
+        for u in &self.config.user {
+            let secret = u.secret.as_ref().map(|s| s.expose()).unwrap_or("");
+            // Compare every password so that an unknown login takes as long as a known one.
+            let ok = same_secret(password, secret) && !secret.is_empty();
+            if u.login == login && ok && found.is_none() {
+                found = Some(u);
+            }
+        }
+        match found {
+            Some(u) => Ok(Some(u)),
+            None => {
+                tracing::warn!(endpoint = %self.name, login = %login, "refused: wrong login or password");
+                Err(unauthorized("неверное имя пользователя или пароль"))
+            }
+        }
+    }
+
+    /// Authentication, the till and number, the user's tills, the link (in this order).
+    fn check(
+        &self,
+        method: Method,
+        headers: &HeaderMap,
+        pos: &str,
+        number: &str,
+    ) -> Result<Checked, Box<Response>> {
+        let user = self.authenticate(headers)?;
+        let (Ok(pos_n), Ok(number_n)) = (pos.parse::<u32>(), number.parse::<i64>()) else {
+            tracing::warn!(endpoint = %self.name, till = %pos, number = %number, "refused: till or package number is not a number");
+            return Err(method.error(
+                StatusCode::OK,
+                errcode::ERROR,
+                format!("ККМ {pos}, пакет {number}: номер ККМ и номер пакета должны быть целыми числами"),
+            ));
+        };
+        if number_n < 0 {
+            return Err(method.error(
+                StatusCode::OK,
+                errcode::ERROR,
+                format!("ККМ {pos_n}, пакет {number_n}: номер пакета не может быть отрицательным"),
+            ));
+        }
+        if let Some(u) = user {
+            if !u.pos_set.contains(pos_n) {
+                tracing::warn!(endpoint = %self.name, login = %u.login, till = pos_n, "refused: the login may not act for this till");
+                return Err(method.error(
+                    StatusCode::FORBIDDEN,
+                    errcode::ERROR,
+                    format!(
+                        "ККМ {pos_n}, пакет {number_n}: пользователь {} не может работать за ККМ {pos_n} (разрешены ККМ {})",
+                        u.login, u.pos_set
+                    ),
+                ));
+            }
+        }
+        let Some(route) = self.routes.route(pos_n) else {
+            tracing::warn!(endpoint = %self.name, till = pos_n, "refused: till is in no link of this endpoint");
+            return Err(method.error(
+                StatusCode::OK,
+                errcode::ERROR,
+                format!("ККМ {pos_n}, пакет {number_n}: ККМ {pos_n} не подключена ни к одной связи (link) сервиса {}", self.name),
+            ));
+        };
+        Ok(Checked {
+            pos: pos_n,
+            number: number_n,
+            link: route.link.clone(),
+            office: route.peer.clone(),
+        })
+    }
+
+    /// ReceiveData serving semantics (PROTOCOL.md §4.1). Returns the package served under
+    /// `number`, if any.
+    fn next_for_till(&self, store: &Store, c: &Checked) -> crate::store::Result<Option<Package>> {
+        let _guard = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        let (pos, number) = (c.pos, c.number);
+        let current = store
+            .served(&self.name, pos)?
+            .and_then(|s| s.package_id.map(|id| (s.number, id)));
+        let current = match current {
+            Some((n, id)) if store.is_pending(id)? => Some((n, id)),
+            _ => None,
+        };
+        match current {
+            None => {
+                // First request, or everything before was acknowledged: serve the head.
+                let head = store.queue_head(&c.link, Direction::Down, pos, None)?;
+                if let Some(p) = &head {
+                    store.set_served(&self.name, pos, number, Some(p.id), false)?;
+                }
+                Ok(head)
+            }
+            Some((n, id)) if n == number => store.package(id),
+            Some((n, id)) if n.checked_add(1) == Some(number) => {
+                let next = store.ack_served(&self.name, &c.link, pos, id, n, number)?;
+                tracing::info!(endpoint = %self.name, link = %c.link, till = pos, package = id, number = n, "delivered: the till asked for the next number");
+                Ok(next)
+            }
+            Some((n, id)) => {
+                tracing::warn!(endpoint = %self.name, link = %c.link, till = pos, package = id, served_as = n, asked = number,
+                    "the till asked for an unexpected number (counter reset or reinstall?); the unacknowledged package is served again under the new number");
+                store.set_served(&self.name, pos, number, Some(id), true)?;
+                store.package(id)
+            }
+        }
+    }
+
+    fn receive_blocking(&self, store: &Store, c: Checked) -> Response {
+        let pkg = match self.next_for_till(store, &c) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(endpoint = %self.name, till = c.pos, number = c.number, "ReceiveData failed: {e}");
+                return receive_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    errcode::ERROR,
+                    format!(
+                        "ККМ {}, пакет {}: внутренняя ошибка хранилища",
+                        c.pos, c.number
+                    ),
+                );
+            }
+        };
+        let Some(pkg) = pkg else {
+            return receive_error(StatusCode::OK, errcode::NO_DATA, NO_DATA_MESSAGE.into());
+        };
+        let bytes = match pkg.read_bytes() {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, "cannot read {}: {e}", pkg.payload.display());
+                return receive_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    errcode::ERROR,
+                    format!(
+                        "ККМ {}, пакет {}: внутренняя ошибка хранилища",
+                        c.pos, c.number
+                    ),
+                );
+            }
+        };
+        tracing::debug!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, kind = %pkg.kind, bytes = bytes.len(), "serving");
+        let uid = if pkg.kind == Kind::Flr {
+            pkg.uid.clone()
+        } else {
+            None
+        };
+        json_response(
+            StatusCode::OK,
+            &ReceiveReply {
+                data: encode_zip_base64(&bytes, &zip_entry_name(pkg.kind, pkg.pos, pkg.id)),
+                errcode: errcode::OK,
+                errmessage: String::new(),
+                packagetype: Some(pkg.kind.as_str()),
+                uid,
+            },
+        )
+    }
+
+    /// Stores a decoded report durably, or says it is a repeat. Returns the reply.
+    fn store_report(
+        &self,
+        store: &Store,
+        c: &Checked,
+        uid: Option<&str>,
+        bytes: &[u8],
+    ) -> Result<(bool, Response), crate::store::StoreError> {
+        let _guard = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        let (pos, number) = (c.pos, c.number);
+        let sha = sha256_hex(bytes);
+        if let Some(id) = store.find_by_source(&self.name, pos, number, &sha)? {
+            tracing::info!(endpoint = %self.name, till = pos, number, package = id, "SendData repeated with the same content; nothing stored");
+            return Ok((
+                false,
+                send_reply(
+                    StatusCode::OK,
+                    errcode::ALREADY,
+                    format!("ККМ {pos}, пакет {number}: пакет с этим номером уже обработан"),
+                ),
+            ));
+        }
+        if store.source_seq_seen(&self.name, pos, number)? {
+            tracing::warn!(endpoint = %self.name, till = pos, number, "SendData: the same number with different content; stored as a new report (till counter reset?)");
+        }
+        let spooled = store.spool_bytes(bytes)?;
+        let source_name = match uid {
+            Some(u) => format!("SendData/{pos}/{number}/{u}"),
+            None => format!("SendData/{pos}/{number}"),
+        };
+        let id = store.commit_taken(
+            &Taken {
+                link: &c.link,
+                pos,
+                kind: Kind::Rep,
+                uid,
+                source_endpoint: &self.name,
+                source_name: &source_name,
+                source_seq: Some(number),
+                sink_endpoint: &c.office,
+            },
+            spooled,
+        )?;
+        store.mark_source_done(id)?;
+        tracing::info!(endpoint = %self.name, link = %c.link, till = pos, number, package = id, bytes = bytes.len(), uid = ?uid, "report taken");
+        Ok((true, send_reply(StatusCode::OK, errcode::OK, String::new())))
+    }
+
+    /// Builds the router: `{prefix}/{POS}/{PackageNo}` and
+    /// `{prefix}/SendData/{POS}/{PackageNo}[/{UID}]`.
+    pub fn router(self: &Arc<Self>, store: Arc<Store>, on_report: OnReport) -> Router {
+        let state = AppState {
+            ep: self.clone(),
+            store,
+            on_report,
+        };
+        let inner = Router::new()
+            .route("/{pos}/{number}", get(receive_data))
+            .route("/SendData/{pos}/{number}", post(send_data))
+            .route("/SendData/{pos}/{number}/{uid}", post(send_data))
+            .fallback(not_found)
+            .layer(DefaultBodyLimit::disable())
+            .with_state(state);
+        let prefix = self.config.prefix.trim_end_matches('/');
+        if prefix.is_empty() {
+            inner
+        } else {
+            Router::new().nest(prefix, inner).fallback(not_found)
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` completes; requests in flight finish first.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: tokio::net::TcpListener,
+        store: Arc<Store>,
+        on_report: OnReport,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let addr = listener.local_addr()?;
+        tracing::info!(endpoint = %self.name, %addr, prefix = %self.config.prefix, "serving KKMTransfer to tills");
+        let app = self.router(store, on_report);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    ep: Arc<HttpServerEndpoint>,
+    store: Arc<Store>,
+    on_report: OnReport,
+}
+
+async fn not_found() -> Response {
+    send_reply(
+        StatusCode::NOT_FOUND,
+        errcode::ERROR,
+        "Неизвестный адрес: ожидается {prefix}/{ККМ}/{номер пакета} или {prefix}/SendData/{ККМ}/{номер пакета}[/{UID}]".into(),
+    )
+}
+
+async fn receive_data(
+    State(st): State<AppState>,
+    Path((pos, number)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let c = match st.ep.check(Method::Receive, &headers, &pos, &number) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let (ep, store) = (st.ep.clone(), st.store.clone());
+    let (p, n) = (c.pos, c.number);
+    match tokio::task::spawn_blocking(move || ep.receive_blocking(&store, c)).await {
+        Ok(r) => r,
+        Err(e) => receive_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            errcode::ERROR,
+            format!("ККМ {p}, пакет {n}: внутренняя ошибка ({e})"),
+        ),
+    }
+}
+
+/// Reads the body chunk by chunk and stops as soon as it exceeds `max`.
+async fn read_limited(body: Body, max: u64) -> Result<Vec<u8>, String> {
+    let mut body = body;
+    let mut buf = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("тело запроса не прочитано ({e})"))?;
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > max {
+                return Err(format!("тело запроса больше max_body ({max} байт)"));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf)
+}
+
+/// The body is the base64 text itself, or a JSON string holding it (decided by the first
+/// non-whitespace byte).
+fn body_base64(body: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, String> {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'"') => serde_json::from_slice::<String>(body)
+            .map(|s| std::borrow::Cow::Owned(s.into_bytes()))
+            .map_err(|e| format!("тело запроса — неверная строка JSON ({e})")),
+        _ => Ok(std::borrow::Cow::Borrowed(body)),
+    }
+}
+
+async fn send_data(
+    State(st): State<AppState>,
+    Path(params): Path<HashMap<String, String>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
+    let c = match st
+        .ep
+        .check(Method::Send, &headers, get("pos"), get("number"))
+    {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    let uid = params.get("uid").cloned();
+    let (pos, number) = (c.pos, c.number);
+    let max = st.ep.config.max_body;
+    let refuse = |msg: String| {
+        tracing::warn!(endpoint = %st.ep.name, till = pos, number, "SendData refused: {msg}");
+        send_reply(
+            StatusCode::OK,
+            errcode::ERROR,
+            format!("ККМ {pos}, пакет {number}: {msg}"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max) {
+        return refuse(format!("тело запроса больше max_body ({max} байт)"));
+    }
+    let raw = match read_limited(body, max).await {
+        Ok(b) => b,
+        Err(msg) => return refuse(msg),
+    };
+    let text = match body_base64(&raw) {
+        Ok(t) => t,
+        Err(msg) => return refuse(msg),
+    };
+    let bytes = match decode_base64(&text) {
+        Ok(b) => b,
+        Err(CodecError::Base64(e)) => {
+            return refuse(format!("данные не в формате base64 ({e})"));
+        }
+        Err(e) => return refuse(e.to_string()),
+    };
+    drop(text);
+    drop(raw);
+    let bytes = match unzip_if_zipped(bytes, max) {
+        Ok(b) => b,
+        Err(e) => return refuse(format!("неверный ZIP-архив ({e})")),
+    };
+    if bytes.is_empty() {
+        return refuse("пустой пакет (нет данных отчёта)".into());
+    }
+    let (ep, store) = (st.ep.clone(), st.store.clone());
+    let link = c.link.clone();
+    let res =
+        tokio::task::spawn_blocking(move || ep.store_report(&store, &c, uid.as_deref(), &bytes))
+            .await;
+    match res {
+        Ok(Ok((stored, reply))) => {
+            if stored {
+                (st.on_report)(&link);
+            }
+            reply
+        }
+        Ok(Err(e)) => {
+            tracing::error!(endpoint = %st.ep.name, till = pos, number, "SendData: cannot store the report: {e}");
+            send_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                errcode::ERROR,
+                format!("ККМ {pos}, пакет {number}: отчёт не сохранён, повторите позже (внутренняя ошибка хранилища)"),
+            )
+        }
+        Err(e) => send_reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            errcode::ERROR,
+            format!("ККМ {pos}, пакет {number}: внутренняя ошибка ({e})"),
+        ),
+    }
+}
