@@ -9,6 +9,7 @@
 //! packages from it themselves, so the pump leaves it alone.
 
 pub mod dir;
+pub mod ftp;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -103,6 +104,12 @@ impl WarnOnce {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.to_string())
     }
+    pub fn contains(&self, key: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
     pub fn forget(&self, key: &str) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
@@ -127,6 +134,8 @@ pub fn new_uid() -> String {
 /// One configured endpoint.
 pub enum Endpoint {
     Dir(Arc<dir::DirEndpoint>),
+    /// An FTP server: polled source and push sink.
+    Ftp(Arc<ftp::FtpEndpoint>),
     /// Served to tills by the daemon; not polled, not pushed.
     Passive {
         name: String,
@@ -138,6 +147,7 @@ impl Endpoint {
     pub fn name(&self) -> &str {
         match self {
             Endpoint::Dir(d) => &d.name,
+            Endpoint::Ftp(f) => &f.name,
             Endpoint::Passive { name, .. } => name,
         }
     }
@@ -145,16 +155,26 @@ impl Endpoint {
     pub fn routes(&self) -> &Routes {
         match self {
             Endpoint::Dir(d) => &d.routes,
+            Endpoint::Ftp(f) => &f.routes,
             Endpoint::Passive { routes, .. } => routes,
         }
     }
 
     pub fn is_push_sink(&self) -> bool {
-        matches!(self, Endpoint::Dir(_))
+        matches!(self, Endpoint::Dir(_) | Endpoint::Ftp(_))
     }
 
     pub fn is_polled_source(&self) -> bool {
-        matches!(self, Endpoint::Dir(_))
+        matches!(self, Endpoint::Dir(_) | Endpoint::Ftp(_))
+    }
+
+    /// How often the daemon should poll this endpoint, if it is polled on a timer (FTP).
+    /// FTP takes a file only when two polls saw the same size.
+    pub fn poll_interval(&self) -> Option<std::time::Duration> {
+        match self {
+            Endpoint::Ftp(f) => Some(f.poll()),
+            _ => None,
+        }
     }
 
     /// Finishes what a crash interrupted: sources not yet told, sink writes not confirmed,
@@ -165,6 +185,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.recover(&s)).await?
             }
+            Endpoint::Ftp(f) => f.recover(store).await,
             Endpoint::Passive { .. } => Ok(()),
         }
     }
@@ -176,6 +197,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.take(&s, dry_run)).await?
             }
+            Endpoint::Ftp(f) => f.take(store, dry_run).await,
             Endpoint::Passive { .. } => Ok(TakeReport::default()),
         }
     }
@@ -194,6 +216,7 @@ impl Endpoint {
                 let (d, s) = (d.clone(), store.clone());
                 tokio::task::spawn_blocking(move || d.deliver(&s, queue, dry_run)).await?
             }
+            Endpoint::Ftp(f) => f.deliver(store, queue, dry_run).await,
             Endpoint::Passive { .. } => Ok(DeliverReport::default()),
         }
     }
@@ -231,6 +254,9 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Endpoint>> {
             EndpointConfig::Dir(c) => {
                 Endpoint::Dir(Arc::new(dir::DirEndpoint::new(name, c.clone(), routes)))
             }
+            EndpointConfig::Ftp(c) => {
+                Endpoint::Ftp(Arc::new(ftp::FtpEndpoint::new(name, c.clone(), routes)?))
+            }
             other => {
                 anyhow::bail!(
                     "endpoint {name:?}: type {:?} is not available in this build yet",
@@ -241,4 +267,16 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Endpoint>> {
         out.push(ep);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The daemon spawns passes on the multi-threaded runtime: their futures must be Send.
+    #[allow(dead_code)]
+    fn endpoint_futures_are_send(e: &super::Endpoint, s: &std::sync::Arc<crate::store::Store>) {
+        fn send<T: Send>(_: T) {}
+        send(e.recover(s));
+        send(e.take(s, false));
+        send(e.deliver(s, Vec::new(), false));
+    }
 }
