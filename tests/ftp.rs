@@ -616,3 +616,15 @@ fn explicit_tls_is_refused_clearly() {
     let err = Pump::new(config, store).err().unwrap().to_string();
     assert!(err.contains("not supported"), "{err}");
 }
+
+#[test]
+fn example_ftp_to_http_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ftp-to-http.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    // Only this test reads these two variables.
+    std::env::set_var("KKM_FTP_PASSWORD", "ftp-secret");
+    std::env::set_var("KKM_TILL_PASSWORD", "till-secret");
+    let config = Config::parse(&text, &path).unwrap();
+    assert_eq!(config.endpoints.len(), 2);
+    assert_eq!(config.links.len(), 1);
+}
