@@ -51,6 +51,10 @@ struct InProc {
 
 impl InProc {
     fn start(root: &Path, port: u16) -> InProc {
+        InProc::start_with(root, port, Arc::new(Faults::default()))
+    }
+
+    fn start_with(root: &Path, port: u16, faults: Arc<Faults>) -> InProc {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
         let r = root.to_path_buf();
@@ -61,8 +65,9 @@ impl InProc {
                 .build()
                 .unwrap();
             rt.spawn(async move {
-                let server = libunftp::ServerBuilder::new(Box::new(move || {
-                    unftp_sbe_fs::Filesystem::new(r.clone()).unwrap()
+                let server = libunftp::ServerBuilder::new(Box::new(move || FaultyFs {
+                    inner: unftp_sbe_fs::Filesystem::new(r.clone()).unwrap(),
+                    faults: faults.clone(),
                 }))
                 .greeting("kkm-bridge test server")
                 .passive_ports(50000..=65000)
@@ -121,11 +126,15 @@ fn free_port() -> u16 {
 
 impl Server {
     fn unftp(root: &Path) -> Server {
+        Server::unftp_with(root, Arc::new(Faults::default()))
+    }
+
+    fn unftp_with(root: &Path, faults: Arc<Faults>) -> Server {
         std::fs::create_dir_all(root.join("Files")).unwrap();
         let port = free_port();
         Server {
             url: format!("ftp://kassa:any@127.0.0.1:{port}/Files"),
-            kind: ServerKind::Unftp(InProc::start(root, port)),
+            kind: ServerKind::Unftp(InProc::start_with(root, port, faults)),
         }
     }
 
@@ -227,6 +236,155 @@ fn script(cmd: &str) {
 
 /// vsftpd scenarios share one server directory: one at a time.
 static VSFTPD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ------------------------------------------------------------------ fault injection
+
+/// Faults the in-process server injects, each for the next N operations.
+#[derive(Debug, Default)]
+struct Faults {
+    /// RNTO answers 553.
+    refuse_renames: std::sync::atomic::AtomicU32,
+    /// RETR sends half the file, then the data connection breaks.
+    cut_downloads: std::sync::atomic::AtomicU32,
+}
+
+fn take_fault(n: &std::sync::atomic::AtomicU32) -> bool {
+    n.fetch_update(
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+        |v| v.checked_sub(1),
+    )
+    .is_ok()
+}
+
+/// The filesystem back-end of libunftp with [`Faults`].
+#[derive(Debug)]
+struct FaultyFs {
+    inner: unftp_sbe_fs::Filesystem,
+    faults: Arc<Faults>,
+}
+
+/// Yields `left` bytes of the file, then fails like a dropped connection.
+struct CutReader {
+    inner: Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>,
+    left: usize,
+}
+
+impl tokio::io::AsyncRead for CutReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected: connection dropped mid-transfer",
+            )));
+        }
+        let left = self.left;
+        let mut small =
+            tokio::io::ReadBuf::new(buf.initialize_unfilled_to(left.min(buf.remaining())));
+        let r = Pin::new(&mut self.inner).poll_read(cx, &mut small);
+        let n = small.filled().len();
+        buf.advance(n);
+        self.left -= n;
+        r
+    }
+}
+
+#[async_trait::async_trait]
+impl<U: unftp_core::auth::UserDetail> unftp_core::storage::StorageBackend<U> for FaultyFs {
+    type Metadata = unftp_sbe_fs::Meta;
+
+    fn supported_features(&self) -> u32 {
+        unftp_core::storage::StorageBackend::<U>::supported_features(&self.inner)
+    }
+    async fn metadata<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<Self::Metadata> {
+        self.inner.metadata(user, path).await
+    }
+    async fn list<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<Vec<unftp_core::storage::Fileinfo<PathBuf, Self::Metadata>>>
+    {
+        self.inner.list(user, path).await
+    }
+    async fn get<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+        start_pos: u64,
+    ) -> unftp_core::storage::Result<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> {
+        let size = self
+            .inner
+            .metadata(user, path.as_ref())
+            .await
+            .map(|m| unftp_core::storage::Metadata::len(&m));
+        let r = self.inner.get(user, path, start_pos).await?;
+        if take_fault(&self.faults.cut_downloads) {
+            let left = (size.unwrap_or(2) / 2) as usize;
+            return Ok(Box::new(CutReader { inner: r, left }));
+        }
+        Ok(r)
+    }
+    async fn put<
+        P: AsRef<Path> + Send + std::fmt::Debug,
+        R: tokio::io::AsyncRead + Send + Sync + Unpin + 'static,
+    >(
+        &self,
+        user: &U,
+        input: R,
+        path: P,
+        start_pos: u64,
+    ) -> unftp_core::storage::Result<u64> {
+        self.inner.put(user, input, path, start_pos).await
+    }
+    async fn del<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<()> {
+        self.inner.del(user, path).await
+    }
+    async fn mkd<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<()> {
+        self.inner.mkd(user, path).await
+    }
+    async fn rename<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        from: P,
+        to: P,
+    ) -> unftp_core::storage::Result<()> {
+        if take_fault(&self.faults.refuse_renames) {
+            return Err(unftp_core::storage::ErrorKind::FileNameNotAllowedError.into());
+        }
+        self.inner.rename(user, from, to).await
+    }
+    async fn rmd<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<()> {
+        self.inner.rmd(user, path).await
+    }
+    async fn cwd<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<()> {
+        self.inner.cwd(user, path).await
+    }
+}
 
 // ------------------------------------------------------------------ the bridge
 
@@ -627,4 +785,63 @@ fn example_ftp_to_http_config_is_valid() {
     let config = Config::parse(&text, &path).unwrap();
     assert_eq!(config.endpoints.len(), 2);
     assert_eq!(config.links.len(), 1);
+}
+
+/// RNTO refused with 553: no temp file stays behind, the package stays queued and the next
+/// pass writes it.
+#[tokio::test]
+async fn refused_rename_leaves_no_temp_and_is_retried() {
+    let root = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::default());
+    let server = Server::unftp_with(root.path(), faults.clone());
+    let office = tempfile::tempdir().unwrap();
+    let b = bridge(&format!(
+        "{}{}{}",
+        dir_endpoint("office", office.path(), ""),
+        ftp_endpoint("shopftp", &server.url, ""),
+        link("office", "shopftp", "7")
+    ));
+    let spr = fixture("POS1.spr.cp1251");
+    std::fs::write(office.path().join("POS7.spr.$1"), &spr).unwrap();
+    faults
+        .refuse_renames
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = b.pass().await;
+    assert_eq!((r.taken, r.delivered, r.queued), (1, 0, 1), "{r:?}");
+    assert!(server.names().await.is_empty(), "no temp file left");
+    let r = b.pass().await;
+    assert_eq!((r.delivered, r.queued), (1, 0), "{r:?}");
+    assert_eq!(server.names().await, ["POS7.spr.$1"]);
+    assert_eq!(server.get("POS7.spr.$1").await, spr);
+}
+
+/// The data connection drops mid-download: nothing is taken, the file stays on the server,
+/// and the next pass takes it whole.
+#[tokio::test]
+async fn download_dropped_mid_transfer_is_retried_whole() {
+    let root = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::default());
+    let server = Server::unftp_with(root.path(), faults.clone());
+    let shop = tempfile::tempdir().unwrap();
+    let spr = fixture("POS1.spr.utf8bom");
+    server.put("POS8.spr.$1", &spr).await;
+    let b = bridge(&format!(
+        "{}{}{}",
+        ftp_endpoint("office", &server.url, ""),
+        dir_endpoint("shop", shop.path(), ""),
+        link("office", "shop", "8")
+    ));
+    assert_eq!(b.pass().await.taken, 0); // first sight
+    faults
+        .cut_downloads
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = b.pass().await;
+    assert_eq!(r.taken, 0, "{r:?}");
+    assert!(!r.all_moved(), "{r:?}");
+    assert_eq!(server.names().await, ["POS8.spr.$1"]);
+    assert_eq!(b.pump.store.counts(None).unwrap().queued, 0);
+    let r = b.settle(10).await;
+    assert_eq!((r.taken, r.delivered), (1, 1), "{r:?}");
+    assert_eq!(std::fs::read(shop.path().join("POS8.spr.$1")).unwrap(), spr);
+    assert!(server.names().await.is_empty());
 }

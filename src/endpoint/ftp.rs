@@ -19,6 +19,7 @@
 //! saw any error is dropped, never reused. Failing to connect puts the endpoint in the
 //! "unreachable" state with exponential backoff (1 s … 30 s); the state change is logged once
 //! each way, and meanwhile passes report the endpoint as failing without touching anything.
+//! A connection lost mid-operation is logged once and reconnected on the next use.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -622,6 +623,19 @@ impl FtpEndpoint {
         lock(&self.pool.idle).clear();
     }
 
+    /// A connection broke in the middle of an operation: log the change once, drop the
+    /// idle connections, and reconnect on the next use without waiting (a failing
+    /// reconnect starts the backoff).
+    fn lost(&self, why: &str) {
+        let mut h = lock(&self.health);
+        if h.reachable {
+            h.reachable = false;
+            tracing::warn!(endpoint = %self.name, "ftp {}: connection lost: {why} (reconnecting)", self.name);
+        }
+        drop(h);
+        lock(&self.pool.idle).clear();
+    }
+
     fn up(&self) {
         let mut h = lock(&self.health);
         if !h.reachable {
@@ -700,7 +714,7 @@ impl FtpEndpoint {
     fn report_fail(&self, e: &FtpFail, what: &str) {
         if e.is_connection() {
             if !matches!(e, FtpFail::Unreachable(_)) {
-                self.down(&format!("{what}: {e}"));
+                self.lost(&format!("{what}: {e}"));
             }
         } else {
             tracing::error!(endpoint = %self.name, "{what}: {e}");
