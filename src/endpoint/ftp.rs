@@ -600,7 +600,18 @@ impl FtpEndpoint {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let ftp = lock(&self.pool.idle).pop();
+        // An idle connection may have been closed by the server (idle timeout, restart):
+        // check it with NOOP and silently drop it if it does not answer.
+        let mut ftp = None;
+        loop {
+            let Some(mut idle) = lock(&self.pool.idle).pop() else {
+                break;
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(self.config.timeout, idle.noop()).await {
+                ftp = Some(idle);
+                break;
+            }
+        }
         Session {
             ep: self,
             ftp,
@@ -664,7 +675,7 @@ impl FtpEndpoint {
                 Ok(ftp)
             }
             Ok(Err(e)) => {
-                let msg = format!("{}: {e}", self.target.display());
+                let msg = format!("{}: {e:#}", self.target.display());
                 self.down(&msg);
                 Err(FtpFail::Unreachable(msg))
             }
