@@ -166,12 +166,16 @@ pub async fn sync(config_path: &std::path::Path, dry_run: bool) -> u8 {
     progress.enable_steady_tick(Duration::from_millis(120));
     let mut report = pump.pass(dry_run).await;
     if report.waiting > 0 && !dry_run {
-        // Files still being written: wait out the settle time once, then look again.
+        // Files still being written (or seen once on FTP): wait out the settle time / poll
+        // interval once, then look again.
         let settle = config
             .endpoints
             .values()
             .filter_map(|e| match e {
                 EndpointConfig::Dir(d) => Some(d.settle),
+                // FTP takes a file when two listings show the same size: look again
+                // after one poll interval.
+                EndpointConfig::Ftp(f) => Some(f.poll),
                 _ => None,
             })
             .max()

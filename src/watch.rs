@@ -186,8 +186,10 @@ impl Daemon {
     async fn source_loop(self: Arc<Self>, ep: Arc<Endpoint>, shutdown: Shutdown) {
         let (settle, rescan) = match &*ep {
             Endpoint::Dir(d) => (d.config.settle, d.config.rescan),
-            Endpoint::HttpClient(c) => (Duration::ZERO, c.config.poll),
-            _ => (Duration::ZERO, DEFAULT_POLL),
+            other => (
+                Duration::ZERO,
+                other.poll_interval().unwrap_or(DEFAULT_POLL),
+            ),
         };
         let rescan = rescan.max(Duration::from_millis(10));
         let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<()>();

@@ -9,6 +9,7 @@
 //! packages from it themselves, so the pump leaves it alone.
 
 pub mod dir;
+pub mod ftp;
 pub mod http_client;
 pub mod http_server;
 
@@ -105,6 +106,12 @@ impl WarnOnce {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.to_string())
     }
+    pub fn contains(&self, key: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
     pub fn forget(&self, key: &str) {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
     }
@@ -181,6 +188,8 @@ pub enum Endpoint {
     /// KKMTransfer served to tills by the daemon; not polled, not pushed: tills pull
     /// packages from the store and push reports into it themselves.
     Http(Arc<http_server::HttpServerEndpoint>),
+    /// An FTP server: polled source and push sink.
+    Ftp(Arc<ftp::FtpEndpoint>),
 }
 
 impl Endpoint {
@@ -189,6 +198,7 @@ impl Endpoint {
             Endpoint::Dir(d) => &d.name,
             Endpoint::HttpClient(c) => &c.name,
             Endpoint::Http(h) => &h.name,
+            Endpoint::Ftp(f) => &f.name,
         }
     }
 
@@ -197,15 +207,32 @@ impl Endpoint {
             Endpoint::Dir(d) => &d.routes,
             Endpoint::HttpClient(c) => &c.routes,
             Endpoint::Http(h) => &h.routes,
+            Endpoint::Ftp(f) => &f.routes,
         }
     }
 
     pub fn is_push_sink(&self) -> bool {
-        matches!(self, Endpoint::Dir(_) | Endpoint::HttpClient(_))
+        matches!(
+            self,
+            Endpoint::Dir(_) | Endpoint::HttpClient(_) | Endpoint::Ftp(_)
+        )
     }
 
     pub fn is_polled_source(&self) -> bool {
-        matches!(self, Endpoint::Dir(_) | Endpoint::HttpClient(_))
+        matches!(
+            self,
+            Endpoint::Dir(_) | Endpoint::HttpClient(_) | Endpoint::Ftp(_)
+        )
+    }
+
+    /// How often the daemon should poll this endpoint, if it is polled on a timer (FTP,
+    /// http-client). FTP takes a file only when two polls saw the same size.
+    pub fn poll_interval(&self) -> Option<std::time::Duration> {
+        match self {
+            Endpoint::Ftp(f) => Some(f.poll()),
+            Endpoint::HttpClient(c) => Some(c.config.poll),
+            _ => None,
+        }
     }
 
     /// Finishes what a crash interrupted: sources not yet told, sink writes not confirmed,
@@ -217,6 +244,7 @@ impl Endpoint {
                 tokio::task::spawn_blocking(move || d.recover(&s)).await?
             }
             Endpoint::HttpClient(_) | Endpoint::Http(_) => Ok(()),
+            Endpoint::Ftp(f) => f.recover(store).await,
         }
     }
 
@@ -229,6 +257,7 @@ impl Endpoint {
             }
             Endpoint::HttpClient(c) => Ok(c.take(store, dry_run).await),
             Endpoint::Http(_) => Ok(TakeReport::default()),
+            Endpoint::Ftp(f) => f.take(store, dry_run).await,
         }
     }
 
@@ -248,6 +277,7 @@ impl Endpoint {
             }
             Endpoint::HttpClient(c) => Ok(c.deliver(store, queue, dry_run).await),
             Endpoint::Http(_) => Ok(DeliverReport::default()),
+            Endpoint::Ftp(f) => f.deliver(store, queue, dry_run).await,
         }
     }
 }
@@ -290,14 +320,23 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Endpoint>> {
             EndpointConfig::Http(c) => Endpoint::Http(Arc::new(
                 http_server::HttpServerEndpoint::new(name, c.clone(), routes),
             )),
-            other => {
-                anyhow::bail!(
-                    "endpoint {name:?}: type {:?} is not available in this build yet",
-                    other.type_name()
-                )
+            EndpointConfig::Ftp(c) => {
+                Endpoint::Ftp(Arc::new(ftp::FtpEndpoint::new(name, c.clone(), routes)?))
             }
         };
         out.push(ep);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The daemon spawns passes on the multi-threaded runtime: their futures must be Send.
+    #[allow(dead_code)]
+    fn endpoint_futures_are_send(e: &super::Endpoint, s: &std::sync::Arc<crate::store::Store>) {
+        fn send<T: Send>(_: T) {}
+        send(e.recover(s));
+        send(e.take(s, false));
+        send(e.deliver(s, Vec::new(), false));
+    }
 }

@@ -1,0 +1,1273 @@
+//! An FTP server (PROTOCOL.md §3): the `.$n` convention and the "FTP via 1C" single-file
+//! mode, as the office side or the kassa side of a link.
+//!
+//! Reading: one `LIST -a` per pass; a file is complete when its size is the same in two
+//! consecutive listings (FTP gives no reliable "closed" signal, and LIST times have minute
+//! resolution), so a file is never taken on first sight: `sync` looks twice. Files are taken
+//! per till and kind in numeric `.$n` order, never a higher number while a lower one is
+//! still present; each is downloaded in binary mode into the spool, its byte count checked
+//! against the listing, fsync'd and journaled, and only then DELE'd.
+//!
+//! Writing: the next free `.$n` above the highest listed; upload to `.kkm-bridge.<random>.tmp`
+//! (no reader matches a leading dot), check the transfer's final reply and SIZE, journal
+//! the temp and final names, RNFR/RNTO, journal "delivered". A refused rename deletes the
+//! temp file and leaves the package queued. Single-file mode writes only when the file is
+//! absent or (spr) its line 2 is `@`.
+//!
+//! Connections: at most `connections` at a time, each logged in, `TYPE I`, in the directory
+//! of the URL; every command and every transfer chunk has the `timeout`; a connection that
+//! saw any error is dropped, never reused. Failing to connect puts the endpoint in the
+//! "unreachable" state with exponential backoff (1 s … 30 s); the state change is logged once
+//! each way, and meanwhile passes report the endpoint as failing without touching anything.
+//! A connection lost mid-operation is logged once and reconnected on the next use.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use suppaftp::tokio::AsyncFtpStream;
+use suppaftp::types::FileType;
+use suppaftp::FtpError;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{new_uid, DeliverReport, Role, Routes, TakeReport, WarnOnce};
+use crate::config::FtpConfig;
+use crate::package::{is_temp_name, spr_marked_loaded, temp_name, Kind, NamePattern, Package};
+use crate::store::{Store, Taken};
+
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const CHUNK: usize = 64 * 1024;
+
+/// Where to connect, from the endpoint's `url` (`ftp://user[:password]@host[:port]/dir`).
+/// The directory is relative to the login directory, as in RFC 1738 and curl; write
+/// `ftp://host/%2Fsrv/ftp` for an absolute one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    password: String,
+    pub dir: String,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.display())
+    }
+}
+
+impl Target {
+    /// Parses the URL; `secret` (password / password_env) wins over a password in the URL.
+    pub fn parse(url: &str, secret: Option<&str>) -> Result<Target, String> {
+        let rest = url
+            .strip_prefix("ftp://")
+            .ok_or_else(|| "must start with ftp://".to_string())?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let (userinfo, hostport) = match authority.rfind('@') {
+            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
+            None => (None, authority),
+        };
+        let (user, url_password) = match userinfo {
+            None => ("anonymous".to_string(), None),
+            Some(u) => match u.split_once(':') {
+                Some((u, p)) => (percent_decode(u)?, Some(percent_decode(p)?)),
+                None => (percent_decode(u)?, None),
+            },
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (h, p) = v6
+                .split_once(']')
+                .ok_or_else(|| "unclosed '[' in the host".to_string())?;
+            (h.to_string(), p.strip_prefix(':').unwrap_or(""))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p),
+                None => (hostport.to_string(), ""),
+            }
+        };
+        if host.is_empty() {
+            return Err("has no host".into());
+        }
+        let port = if port.is_empty() {
+            21
+        } else {
+            port.parse::<u16>()
+                .map_err(|_| format!("port {port:?} is not a number 1-65535"))?
+        };
+        let dir = percent_decode(path.trim_end_matches('/'))?;
+        let password = secret
+            .map(str::to_string)
+            .or(url_password)
+            .unwrap_or_else(|| "anonymous@".to_string());
+        Ok(Target {
+            host,
+            port,
+            user,
+            password,
+            dir,
+        })
+    }
+
+    /// The URL without the password, for logs and messages.
+    pub fn display(&self) -> String {
+        format!(
+            "ftp://{}@{}:{}/{}",
+            self.user, self.host, self.port, self.dir
+        )
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} does not decode to UTF-8"))
+}
+
+/// One file (or directory) in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: String,
+    pub size: u64,
+    pub is_file: bool,
+}
+
+/// Parses one LIST line: POSIX `ls -l` style (vsftpd, pure-ftpd, proftpd, libunftp) or
+/// DOS/IIS style. Returns None for lines that are neither (`total 12`).
+pub fn parse_list_line(line: &str) -> Option<Entry> {
+    let line = line.trim_end_matches(['\r', '\n']);
+    let first = line.chars().next()?;
+    if "-dlbcps".contains(first) && line.len() > 10 {
+        // perms links owner group size month day time|year name
+        let mut rest = line;
+        let mut fields = Vec::with_capacity(8);
+        for _ in 0..8 {
+            rest = rest.trim_start_matches(' ');
+            let end = rest.find(' ')?;
+            fields.push(&rest[..end]);
+            rest = &rest[end..];
+        }
+        // Exactly one separating space is consumed; a name may start with spaces only on
+        // exotic servers, which we do not support.
+        let name = rest.trim_start_matches(' ');
+        let size = fields[4].parse().ok()?;
+        if name.is_empty() {
+            return None;
+        }
+        let name = if first == 'l' {
+            name.split(" -> ").next().unwrap_or(name)
+        } else {
+            name
+        };
+        return Some(Entry {
+            name: name.to_string(),
+            size,
+            is_file: first == '-',
+        });
+    }
+    // 01-02-24  10:20AM       <DIR>          name   /   01-02-24  10:20AM   1234 name
+    let mut it = line.split_whitespace();
+    let date = it.next()?;
+    let time = it.next()?;
+    if !(date.contains('-') && time.contains(':')) {
+        return None;
+    }
+    let third = it.next()?;
+    let pos = line.find(third)? + third.len();
+    let name = line[pos..].trim_start();
+    if name.is_empty() {
+        return None;
+    }
+    if third == "<DIR>" {
+        return Some(Entry {
+            name: name.into(),
+            size: 0,
+            is_file: false,
+        });
+    }
+    Some(Entry {
+        name: name.into(),
+        size: third.replace(',', "").parse().ok()?,
+        is_file: true,
+    })
+}
+
+/// Why an FTP operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FtpFail {
+    /// Cannot connect or log in (or waiting out the backoff after that).
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    #[error("{what}: {source}")]
+    Cmd { what: String, source: FtpError },
+    #[error("{what}: no answer within {after:?}")]
+    Timeout { what: String, after: Duration },
+    #[error("{0:#}")]
+    Other(#[from] anyhow::Error),
+}
+
+impl From<crate::store::StoreError> for FtpFail {
+    fn from(e: crate::store::StoreError) -> FtpFail {
+        FtpFail::Other(e.into())
+    }
+}
+impl From<std::io::Error> for FtpFail {
+    fn from(e: std::io::Error) -> FtpFail {
+        FtpFail::Other(e.into())
+    }
+}
+
+impl FtpFail {
+    /// The server or the network failed, as opposed to one file being refused.
+    fn is_connection(&self) -> bool {
+        match self {
+            FtpFail::Unreachable(_) | FtpFail::Timeout { .. } => true,
+            FtpFail::Cmd { source, .. } => match source {
+                FtpError::UnexpectedResponse(r) => {
+                    matches!(r.status.code(), 421 | 425 | 426)
+                }
+                FtpError::ConnectionError(_) | FtpError::BadResponse => true,
+                _ => false,
+            },
+            FtpFail::Other(_) => false,
+        }
+    }
+
+    /// The reply code, if the server answered with an unexpected one.
+    fn code(&self) -> Option<u32> {
+        match self {
+            FtpFail::Cmd {
+                source: FtpError::UnexpectedResponse(r),
+                ..
+            } => Some(r.status.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Reachability, with the backoff before the next connection attempt.
+#[derive(Debug)]
+struct Health {
+    reachable: bool,
+    delay: Duration,
+    next_try: Option<Instant>,
+}
+
+struct Pool {
+    permits: tokio::sync::Semaphore,
+    idle: Mutex<Vec<AsyncFtpStream>>,
+}
+
+pub struct FtpEndpoint {
+    pub name: String,
+    pub config: FtpConfig,
+    pub routes: Routes,
+    pub target: Target,
+    patterns: Vec<(Kind, NamePattern)>,
+    warned: WarnOnce,
+    temps_cleaned: AtomicBool,
+    pool: Pool,
+    health: Mutex<Health>,
+    /// name → size from the previous listing (completeness: unchanged across two).
+    seen: Mutex<HashMap<String, u64>>,
+    /// Temp files an interrupted upload left; deleted on the next recover.
+    orphans: Mutex<Vec<String>>,
+    /// Whether the server understands `LIST -a` (shows dot files on vsftpd).
+    list_a: AtomicBool,
+}
+
+/// One checked-out connection slot. The connection goes back to the pool on drop unless
+/// it was marked broken.
+struct Session<'a> {
+    ep: &'a FtpEndpoint,
+    ftp: Option<AsyncFtpStream>,
+    _permit: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        if let Some(ftp) = self.ftp.take() {
+            lock(&self.ep.pool.idle).push(ftp);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs one FTP command on a session with the endpoint's timeout; any failure drops the
+/// connection.
+macro_rules! cmd {
+    ($sess:expr, $what:expr, |$f:ident| $body:expr) => {{
+        let after = $sess.ep.config.timeout;
+        let $f = $sess.ftp().await?;
+        let r = tokio::time::timeout(after, $body).await;
+        match r {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => {
+                $sess.broken();
+                Err(FtpFail::Cmd {
+                    what: $what,
+                    source,
+                })
+            }
+            Err(_) => {
+                $sess.broken();
+                Err(FtpFail::Timeout { what: $what, after })
+            }
+        }
+    }};
+}
+
+impl Session<'_> {
+    async fn ftp(&mut self) -> Result<&mut AsyncFtpStream, FtpFail> {
+        if self.ftp.is_none() {
+            self.ftp = Some(self.ep.connect().await?);
+        }
+        Ok(self.ftp.as_mut().expect("set above"))
+    }
+
+    fn broken(&mut self) {
+        self.ftp = None;
+    }
+
+    /// `LIST -a` of the directory (dot files included on vsftpd), parsed.
+    async fn list(&mut self) -> Result<Vec<Entry>, FtpFail> {
+        let lines = if self.ep.list_a.load(Ordering::Relaxed) {
+            match cmd!(self, "LIST -a".to_string(), |f| f.list(Some("-a"))) {
+                Ok(l) => l,
+                Err(e) if e.code().is_some_and(|c| c >= 500) => {
+                    self.ep.list_a.store(false, Ordering::Relaxed);
+                    tracing::debug!(endpoint = %self.ep.name, "LIST -a refused ({e}); using LIST");
+                    cmd!(self, "LIST".to_string(), |f| f.list(None))?
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            cmd!(self, "LIST".to_string(), |f| f.list(None))?
+        };
+        let mut out = Vec::new();
+        for line in lines {
+            match parse_list_line(&line) {
+                Some(e) if e.name == "." || e.name == ".." => {}
+                Some(e) => out.push(e),
+                None => {
+                    if !line.starts_with("total") && self.ep.warned.first(&format!("list:{line}")) {
+                        tracing::warn!(endpoint = %self.ep.name, "cannot parse the listing line {line:?}");
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// RETR into `w`; returns the byte count after the server's final reply.
+    async fn retr_into(&mut self, name: &str, w: &mut impl std::io::Write) -> Result<u64, FtpFail> {
+        let after = self.ep.config.timeout;
+        let mut stream = cmd!(self, format!("RETR {name}"), |f| f.retr_as_stream(name))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = match tokio::time::timeout(after, stream.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    self.broken();
+                    return Err(FtpFail::Cmd {
+                        what: format!("RETR {name} (after {total} bytes)"),
+                        source: FtpError::ConnectionError(e),
+                    });
+                }
+                Err(_) => {
+                    self.broken();
+                    return Err(FtpFail::Timeout {
+                        what: format!("RETR {name} (after {total} bytes)"),
+                        after,
+                    });
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            if let Err(e) = w.write_all(&buf[..n]) {
+                self.broken();
+                return Err(FtpFail::Other(
+                    anyhow::Error::new(e).context("cannot write the spool"),
+                ));
+            }
+            total += n as u64;
+        }
+        match tokio::time::timeout(after, stream.finish()).await {
+            Ok(Ok(())) => Ok(total),
+            Ok(Err(source)) => {
+                self.broken();
+                Err(FtpFail::Cmd {
+                    what: format!("RETR {name} (final reply)"),
+                    source,
+                })
+            }
+            Err(_) => {
+                self.broken();
+                Err(FtpFail::Timeout {
+                    what: format!("RETR {name} (final reply)"),
+                    after,
+                })
+            }
+        }
+    }
+
+    /// STOR `name` from the package's spool file; checks the final reply.
+    async fn stor(&mut self, name: &str, pkg: &Package) -> Result<u64, FtpFail> {
+        let after = self.ep.config.timeout;
+        let mut src = tokio::fs::File::open(&pkg.payload).await.map_err(|e| {
+            anyhow::Error::new(e)
+                .context(format!("cannot open spool file {}", pkg.payload.display()))
+        })?;
+        let mut stream = cmd!(self, format!("STOR {name}"), |f| f.put_with_stream(name))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut total = 0u64;
+        loop {
+            let n = src.read(&mut buf).await.map_err(|e| {
+                anyhow::Error::new(e)
+                    .context(format!("cannot read spool file {}", pkg.payload.display()))
+            });
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    self.broken();
+                    return Err(e.into());
+                }
+            };
+            if n == 0 {
+                break;
+            }
+            match tokio::time::timeout(after, stream.write_all(&buf[..n])).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    self.broken();
+                    return Err(FtpFail::Cmd {
+                        what: format!("STOR {name} (after {total} bytes)"),
+                        source: FtpError::ConnectionError(e),
+                    });
+                }
+                Err(_) => {
+                    self.broken();
+                    return Err(FtpFail::Timeout {
+                        what: format!("STOR {name} (after {total} bytes)"),
+                        after,
+                    });
+                }
+            }
+            total += n as u64;
+        }
+        match tokio::time::timeout(after, stream.finish()).await {
+            Ok(Ok(())) => Ok(total),
+            Ok(Err(source)) => {
+                self.broken();
+                Err(FtpFail::Cmd {
+                    what: format!("STOR {name} (final reply)"),
+                    source,
+                })
+            }
+            Err(_) => {
+                self.broken();
+                Err(FtpFail::Timeout {
+                    what: format!("STOR {name} (final reply)"),
+                    after,
+                })
+            }
+        }
+    }
+
+    /// SIZE: Some(size), None when the file is absent (550); Err for anything else.
+    async fn size(&mut self, name: &str) -> Result<Option<u64>, FtpFail> {
+        match cmd!(self, format!("SIZE {name}"), |f| f.size(name)) {
+            Ok(n) => Ok(Some(n as u64)),
+            Err(e) if e.code() == Some(550) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// DELE; Ok(false) when the file is already gone (550).
+    async fn dele(&mut self, name: &str) -> Result<bool, FtpFail> {
+        match cmd!(self, format!("DELE {name}"), |f| f.rm(name)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.code() == Some(550) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What one file parsed as.
+#[derive(Debug, Clone)]
+struct Candidate {
+    entry: Entry,
+    kind: Kind,
+    pos: u32,
+    n: Option<u32>,
+}
+
+impl FtpEndpoint {
+    pub fn new(name: &str, config: FtpConfig, routes: Routes) -> anyhow::Result<FtpEndpoint> {
+        if config.tls != "none" {
+            anyhow::bail!(
+                "endpoint {name:?}: tls = {:?} (FTPS) is not supported by this build yet; use tls = \"none\"",
+                config.tls
+            );
+        }
+        let target = Target::parse(&config.url, config.secret.as_ref().map(|s| s.expose()))
+            .map_err(|e| anyhow::anyhow!("endpoint {name:?}: url: {e}"))?;
+        let names = config.names();
+        let patterns = Kind::ALL.iter().map(|&k| (k, names.pattern(k))).collect();
+        let connections = config.connections.max(1) as usize;
+        Ok(FtpEndpoint {
+            name: name.to_string(),
+            routes,
+            target,
+            patterns,
+            warned: WarnOnce::default(),
+            temps_cleaned: AtomicBool::new(false),
+            pool: Pool {
+                permits: tokio::sync::Semaphore::new(connections),
+                idle: Mutex::new(Vec::new()),
+            },
+            health: Mutex::new(Health {
+                reachable: true,
+                delay: BACKOFF_FIRST,
+                next_try: None,
+            }),
+            seen: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Vec::new()),
+            list_a: AtomicBool::new(true),
+            config,
+        })
+    }
+
+    /// The poll interval, for the daemon's timer and `sync`'s second look.
+    pub fn poll(&self) -> Duration {
+        self.config.poll
+    }
+
+    pub fn role(&self) -> Role {
+        self.routes.role
+    }
+
+    /// Whether the last connection attempt succeeded.
+    pub fn is_reachable(&self) -> bool {
+        lock(&self.health).reachable
+    }
+
+    fn pattern(&self, kind: Kind) -> &NamePattern {
+        &self
+            .patterns
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .expect("every kind has a pattern")
+            .1
+    }
+
+    fn parse(&self, name: &str) -> Option<(Kind, u32, Option<u32>)> {
+        self.patterns.iter().find_map(|(k, p)| {
+            p.parse(name, self.config.numbered)
+                .map(|parsed| (*k, parsed.pos, parsed.n))
+        })
+    }
+
+    // ------------------------------------------------------------ connections
+
+    async fn session(&self) -> Session<'_> {
+        let permit = self
+            .pool
+            .permits
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        // An idle connection may have been closed by the server (idle timeout, restart):
+        // check it with NOOP and silently drop it if it does not answer.
+        let mut ftp = None;
+        loop {
+            let Some(mut idle) = lock(&self.pool.idle).pop() else {
+                break;
+            };
+            if let Ok(Ok(())) = tokio::time::timeout(self.config.timeout, idle.noop()).await {
+                ftp = Some(idle);
+                break;
+            }
+        }
+        Session {
+            ep: self,
+            ftp,
+            _permit: permit,
+        }
+    }
+
+    /// Records a connection-level failure: logs the change to unreachable once, backs off.
+    fn down(&self, why: &str) {
+        let mut h = lock(&self.health);
+        if h.reachable {
+            h.reachable = false;
+            h.delay = BACKOFF_FIRST;
+            tracing::warn!(endpoint = %self.name, "ftp {}: unreachable: {why} (retrying with backoff)", self.name);
+        } else {
+            h.delay = (h.delay * 2).min(BACKOFF_MAX);
+        }
+        h.next_try = Some(Instant::now() + h.delay);
+        drop(h);
+        lock(&self.pool.idle).clear();
+    }
+
+    /// A connection broke in the middle of an operation: log the change once, drop the
+    /// idle connections, and reconnect on the next use without waiting (a failing
+    /// reconnect starts the backoff).
+    fn lost(&self, why: &str) {
+        let mut h = lock(&self.health);
+        if h.reachable {
+            h.reachable = false;
+            tracing::warn!(endpoint = %self.name, "ftp {}: connection lost: {why} (reconnecting)", self.name);
+        }
+        drop(h);
+        lock(&self.pool.idle).clear();
+    }
+
+    fn up(&self) {
+        let mut h = lock(&self.health);
+        if !h.reachable {
+            tracing::info!(endpoint = %self.name, "ftp {}: reachable again", self.name);
+        }
+        h.reachable = true;
+        h.delay = BACKOFF_FIRST;
+        h.next_try = None;
+    }
+
+    /// Connects, logs in, sets binary type and enters the directory.
+    async fn connect(&self) -> Result<AsyncFtpStream, FtpFail> {
+        if let Some(t) = lock(&self.health).next_try {
+            let now = Instant::now();
+            if t > now {
+                return Err(FtpFail::Unreachable(format!(
+                    "{} (next attempt in {:.1}s)",
+                    self.target.display(),
+                    (t - now).as_secs_f32()
+                )));
+            }
+        }
+        match tokio::time::timeout(self.config.timeout, self.login()).await {
+            Ok(Ok(ftp)) => {
+                self.up();
+                Ok(ftp)
+            }
+            Ok(Err(e)) => {
+                let msg = format!("{}: {e:#}", self.target.display());
+                self.down(&msg);
+                Err(FtpFail::Unreachable(msg))
+            }
+            Err(_) => {
+                let msg = format!(
+                    "{}: no answer within {:?}",
+                    self.target.display(),
+                    self.config.timeout
+                );
+                self.down(&msg);
+                Err(FtpFail::Unreachable(msg))
+            }
+        }
+    }
+
+    async fn login(&self) -> anyhow::Result<AsyncFtpStream> {
+        use anyhow::Context as _;
+        let t = &self.target;
+        let addr = tokio::net::lookup_host((t.host.as_str(), t.port))
+            .await
+            .with_context(|| format!("cannot resolve {}", t.host))?
+            .next()
+            .with_context(|| format!("{} has no address", t.host))?;
+        let mut ftp = AsyncFtpStream::connect_timeout(addr, self.config.timeout)
+            .await
+            .context("connect")?;
+        if !self.config.passive {
+            ftp = ftp.active_mode(self.config.timeout);
+        }
+        ftp.login(t.user.as_str(), t.password.as_str())
+            .await
+            .with_context(|| format!("login as {}", t.user))?;
+        // Binary after every login: ASCII mode would turn LF into CRLF (bytes are sacred).
+        ftp.transfer_type(FileType::Binary)
+            .await
+            .context("TYPE I")?;
+        if !t.dir.is_empty() {
+            ftp.cwd(t.dir.as_str())
+                .await
+                .with_context(|| format!("CWD {}", t.dir))?;
+        }
+        Ok(ftp)
+    }
+
+    /// Logs a failure: connection-level ones through the reachability state (once per
+    /// change), others per file.
+    fn report_fail(&self, e: &FtpFail, what: &str) {
+        if e.is_connection() {
+            if !matches!(e, FtpFail::Unreachable(_)) {
+                self.lost(&format!("{what}: {e}"));
+            }
+        } else {
+            tracing::error!(endpoint = %self.name, "{what}: {e}");
+        }
+    }
+
+    // ------------------------------------------------------------ recovery
+
+    /// Finishes what a crash or a dropped connection interrupted. Touches the server only
+    /// when there is something to finish.
+    pub async fn recover(&self, store: &Store) -> anyhow::Result<()> {
+        let pending = store.source_pending(&self.name)?;
+        let delivering = store.delivering(&self.name)?;
+        let orphans: Vec<String> = lock(&self.orphans).clone();
+        let clean = !self.temps_cleaned.load(Ordering::Relaxed);
+        if pending.is_empty() && delivering.is_empty() && orphans.is_empty() && !clean {
+            return Ok(());
+        }
+        let mut s = self.session().await;
+        match self
+            .recover_with(&mut s, store, pending, delivering, orphans, clean)
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_connection() => {
+                // Logged once by the reachability state; the next pass tries again.
+                self.report_fail(&e, "recovery");
+                Ok(())
+            }
+            Err(e) => Err(anyhow::anyhow!("endpoint {}: recovery: {e}", self.name)),
+        }
+    }
+
+    async fn recover_with(
+        &self,
+        s: &mut Session<'_>,
+        store: &Store,
+        pending: Vec<crate::store::SourcePending>,
+        delivering: Vec<crate::store::Delivering>,
+        orphans: Vec<String>,
+        clean: bool,
+    ) -> Result<(), FtpFail> {
+        let listing = if !pending.is_empty() || clean {
+            s.list().await?
+        } else {
+            Vec::new()
+        };
+        let sizes: HashMap<&str, u64> = listing
+            .iter()
+            .filter(|e| e.is_file)
+            .map(|e| (e.name.as_str(), e.size))
+            .collect();
+        // Sources whose DELE a crash may have interrupted: delete only the very same bytes
+        // (the writer may have reused the name since).
+        for p in pending {
+            if sizes.get(p.source_name.as_str()) == Some(&p.size) {
+                let mut bytes = Vec::new();
+                s.retr_into(&p.source_name, &mut bytes).await?;
+                if crate::package::sha256_hex(&bytes) == p.sha256 {
+                    tracing::info!(endpoint = %self.name, file = %p.source_name, package = p.id, "removing a source file already taken before an interruption");
+                    s.dele(&p.source_name).await?;
+                }
+            }
+            store.mark_source_done(p.id)?;
+        }
+        // Uploads begun and not confirmed: SIZE tells whether the temp file is still there
+        // (dot files may be hidden from listings).
+        for d in delivering {
+            match s.size(&d.sink_tmp).await? {
+                Some(_) => {
+                    s.dele(&d.sink_tmp).await?;
+                    store.reset_to_taken(d.package.id)?;
+                    tracing::info!(endpoint = %self.name, package = d.package.id, "delivery interrupted before the rename; it will be written again");
+                }
+                None => {
+                    store.mark_delivered(d.package.id, Some(&d.sink_name), None)?;
+                    tracing::info!(endpoint = %self.name, package = d.package.id, file = %d.sink_name, "delivery finished before an interruption; journaled now");
+                }
+            }
+        }
+        for o in orphans {
+            s.dele(&o).await?;
+            lock(&self.orphans).retain(|x| x != &o);
+        }
+        if clean {
+            let in_use = store.sink_temps_in_use(&self.name)?;
+            for e in &listing {
+                if e.is_file && is_temp_name(&e.name) && !in_use.contains(&e.name) {
+                    tracing::info!(endpoint = %self.name, file = %e.name, "removing a temp file left by a crash");
+                    s.dele(&e.name).await?;
+                }
+            }
+            self.temps_cleaned.store(true, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ reading
+
+    pub async fn take(&self, store: &Store, dry_run: bool) -> anyhow::Result<TakeReport> {
+        let mut report = TakeReport::default();
+        let mut s = self.session().await;
+        let listing = match s.list().await {
+            Ok(l) => l,
+            Err(e) if e.is_connection() => {
+                self.report_fail(&e, "listing");
+                report.failed += 1;
+                return Ok(report);
+            }
+            Err(e) => anyhow::bail!("endpoint {}: {e}", self.name),
+        };
+        // Completeness: the size must be the same as in the previous listing.
+        let previous = {
+            let mut seen = lock(&self.seen);
+            let now: HashMap<String, u64> = listing
+                .iter()
+                .filter(|e| e.is_file)
+                .map(|e| (e.name.clone(), e.size))
+                .collect();
+            std::mem::replace(&mut *seen, now)
+        };
+        let takes = self.routes.role.takes();
+        let mut groups: BTreeMap<(u32, Kind), Vec<Candidate>> = BTreeMap::new();
+        for entry in listing {
+            if !entry.is_file || is_temp_name(&entry.name) || entry.name.starts_with('.') {
+                continue;
+            }
+            let Some((kind, pos, n)) = self.parse(&entry.name) else {
+                if self.warned.first(&entry.name) {
+                    tracing::warn!(endpoint = %self.name, file = %entry.name, "left alone: the name matches no pattern of this endpoint (numbered = {})", self.config.numbered);
+                }
+                continue;
+            };
+            if !takes.contains(&kind) {
+                continue;
+            }
+            if self.routes.route(pos).is_none() {
+                if self.warned.first(&entry.name) {
+                    tracing::warn!(endpoint = %self.name, file = %entry.name, till = pos, "left alone: till {pos} is in no link of this endpoint");
+                }
+                continue;
+            }
+            groups.entry((pos, kind)).or_default().push(Candidate {
+                entry,
+                kind,
+                pos,
+                n,
+            });
+        }
+        'groups: for (_, mut files) in groups {
+            files.sort_by_key(|c| c.n);
+            for c in files {
+                if previous.get(&c.entry.name) != Some(&c.entry.size) {
+                    report.waiting += 1;
+                    break; // never a higher number before a lower one
+                }
+                if dry_run {
+                    let r = self.routes.route(c.pos).expect("routed above");
+                    report.planned.push(format!(
+                        "take {}/{} (till {}, {}, {} bytes) for link {} → {}",
+                        self.name, c.entry.name, c.pos, c.kind, c.entry.size, r.link, r.peer
+                    ));
+                    continue;
+                }
+                match self.take_one(&mut s, store, &c).await {
+                    Ok(true) => report.taken += 1,
+                    Ok(false) => {
+                        report.waiting += 1;
+                        break;
+                    }
+                    Err(e) => {
+                        self.report_fail(
+                            &e,
+                            &format!("cannot take {} (till {})", c.entry.name, c.pos),
+                        );
+                        report.failed += 1;
+                        if e.is_connection() {
+                            break 'groups;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Downloads one file into the spool, journals it, then DELEs it. Ok(false): it changed
+    /// while we read it, or it is a single spr file already loaded.
+    async fn take_one(
+        &self,
+        s: &mut Session<'_>,
+        store: &Store,
+        c: &Candidate,
+    ) -> Result<bool, FtpFail> {
+        let loaded_key = format!("loaded:{}:{}", c.entry.name, c.entry.size);
+        let single_spr = c.kind == Kind::Spr && !self.config.numbered;
+        if single_spr && self.warned.contains(&loaded_key) {
+            return Ok(false);
+        }
+        let route = self.routes.route(c.pos).expect("candidates are routed");
+        let mut w = store.spool_writer()?;
+        let mut head = HeadWriter {
+            inner: &mut w,
+            head: Vec::new(),
+        };
+        let got = s.retr_into(&c.entry.name, &mut head).await;
+        let head = head.head;
+        let got = match got {
+            Ok(n) => n,
+            Err(e) => {
+                w.finish().map(|sp| sp.discard()).ok();
+                return Err(e);
+            }
+        };
+        let spooled = w
+            .finish()
+            .map_err(|e| anyhow::Error::new(e).context("cannot fsync the spool"))?;
+        if got != c.entry.size || spooled.size != c.entry.size {
+            tracing::debug!(endpoint = %self.name, file = %c.entry.name, "size changed while downloading ({} listed, {got} read); next pass", c.entry.size);
+            spooled.discard();
+            lock(&self.seen).remove(&c.entry.name);
+            return Ok(false);
+        }
+        if single_spr && spr_marked_loaded(&head) {
+            spooled.discard();
+            if self.warned.first(&loaded_key) {
+                tracing::info!(endpoint = %self.name, file = %c.entry.name, "left alone: line 2 is '@' (already loaded)");
+            }
+            return Ok(false);
+        }
+        let uid = (c.kind == Kind::Flr).then(new_uid);
+        let size = spooled.size;
+        let id = store.commit_taken(
+            &Taken {
+                link: &route.link,
+                pos: c.pos,
+                kind: c.kind,
+                uid: uid.as_deref(),
+                source_endpoint: &self.name,
+                source_name: &c.entry.name,
+                source_seq: c.n.map(i64::from),
+                sink_endpoint: &route.peer,
+            },
+            spooled,
+        )?;
+        tracing::info!(endpoint = %self.name, link = %route.link, till = c.pos, kind = %c.kind, package = id, bytes = size, "taken {}", c.entry.name);
+        // The package is durable: now the server may forget the file. If DELE fails, the
+        // source_pending row makes recover() finish it.
+        s.dele(&c.entry.name).await?;
+        store.mark_source_done(id)?;
+        lock(&self.seen).remove(&c.entry.name);
+        Ok(true)
+    }
+
+    // ------------------------------------------------------------ writing
+
+    pub async fn deliver(
+        &self,
+        store: &Store,
+        queue: Vec<Package>,
+        dry_run: bool,
+    ) -> anyhow::Result<DeliverReport> {
+        let mut report = DeliverReport::default();
+        if queue.is_empty() {
+            return Ok(report);
+        }
+        let mut s = self.session().await;
+        let listing = match s.list().await {
+            Ok(l) => l,
+            Err(e) if e.is_connection() => {
+                self.report_fail(&e, "listing");
+                report.failed += queue.len() as u64;
+                return Ok(report);
+            }
+            Err(e) => anyhow::bail!("endpoint {}: {e}", self.name),
+        };
+        let mut present: HashMap<String, Entry> = HashMap::new();
+        let mut highest: HashMap<(u32, Kind), u32> = HashMap::new();
+        for e in listing {
+            if let Some((kind, pos, Some(n))) = self.parse(&e.name) {
+                let h = highest.entry((pos, kind)).or_insert(0);
+                *h = (*h).max(n);
+            }
+            present.insert(e.name.clone(), e);
+        }
+        let mut blocked: HashSet<u32> = HashSet::new();
+        let mut down = false;
+        for pkg in queue {
+            if down {
+                report.failed += 1;
+                continue;
+            }
+            if blocked.contains(&pkg.pos) {
+                report.busy += 1;
+                continue;
+            }
+            if dry_run {
+                let name = self.final_name(&pkg, &highest, &present);
+                report.planned.push(format!(
+                    "deliver {} to {}/{}",
+                    pkg.describe(),
+                    self.name,
+                    name
+                ));
+                if let Some(n) = self
+                    .config
+                    .numbered
+                    .then(|| highest.entry((pkg.pos, pkg.kind)).or_insert(0))
+                {
+                    *n += 1;
+                }
+                continue;
+            }
+            match self
+                .deliver_one(&mut s, store, &pkg, &mut highest, &mut present)
+                .await
+            {
+                Ok(true) => report.delivered += 1,
+                Ok(false) => {
+                    report.busy += 1;
+                    blocked.insert(pkg.pos);
+                }
+                Err(e) => {
+                    self.report_fail(&e, &format!("cannot deliver {}", pkg.describe()));
+                    report.failed += 1;
+                    blocked.insert(pkg.pos);
+                    if e.is_connection() {
+                        down = true;
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// The next free name from the listing: numbered = first number above the highest
+    /// present that is not present.
+    fn final_name(
+        &self,
+        pkg: &Package,
+        highest: &HashMap<(u32, Kind), u32>,
+        present: &HashMap<String, Entry>,
+    ) -> String {
+        let pattern = self.pattern(pkg.kind);
+        if self.config.numbered {
+            let mut n = highest.get(&(pkg.pos, pkg.kind)).copied().unwrap_or(0) + 1;
+            while present.contains_key(&pattern.render(pkg.pos, Some(n))) {
+                n += 1;
+            }
+            pattern.render(pkg.pos, Some(n))
+        } else {
+            pattern.render(pkg.pos, None)
+        }
+    }
+
+    /// Writes one package. Ok(false): the destination is busy (unconsumed single file).
+    async fn deliver_one(
+        &self,
+        s: &mut Session<'_>,
+        store: &Store,
+        pkg: &Package,
+        highest: &mut HashMap<(u32, Kind), u32>,
+        present: &mut HashMap<String, Entry>,
+    ) -> Result<bool, FtpFail> {
+        let final_name = self.final_name(pkg, highest, present);
+        if !self.config.numbered {
+            if let Some(e) = present.get(&final_name) {
+                let free = if pkg.kind == Kind::Spr && e.is_file {
+                    let mut bytes = Vec::new();
+                    s.retr_into(&final_name, &mut bytes).await?;
+                    spr_marked_loaded(&bytes)
+                } else {
+                    false
+                };
+                if !free {
+                    if self.warned.first(&format!("busy:{final_name}")) {
+                        tracing::info!(endpoint = %self.name, file = %final_name, till = pkg.pos, package = pkg.id, "waiting: the till has not consumed {final_name} yet");
+                    }
+                    return Ok(false);
+                }
+            }
+            self.warned.forget(&format!("busy:{final_name}"));
+        } else if s.size(&final_name).await?.is_some() {
+            // Written by someone else since our listing: never overwrite it.
+            present.insert(
+                final_name.clone(),
+                Entry {
+                    name: final_name.clone(),
+                    size: 0,
+                    is_file: true,
+                },
+            );
+            return Err(FtpFail::Other(anyhow::anyhow!(
+                "{final_name} appeared since the listing; the next pass picks another number"
+            )));
+        }
+        let tmp = temp_name();
+        let sent = match s.stor(&tmp, pkg).await {
+            Ok(n) => n,
+            Err(e) => {
+                // Delete the partial temp now if the connection still works, else later.
+                if s.dele(&tmp).await.is_err() {
+                    lock(&self.orphans).push(tmp.clone());
+                }
+                return Err(e);
+            }
+        };
+        let check = if sent != pkg.size {
+            Err(format!("sent {sent} bytes, the package has {}", pkg.size))
+        } else {
+            match s.size(&tmp).await {
+                Ok(Some(n)) if n == pkg.size => Ok(()),
+                Ok(Some(n)) => Err(format!("the server has {n} bytes of {}", pkg.size)),
+                Ok(None) => Err("the uploaded temp file is gone".into()),
+                Err(e) if e.code().is_some_and(|c| (500..=504).contains(&c)) => {
+                    tracing::debug!(endpoint = %self.name, "SIZE not supported ({e}); size check skipped");
+                    Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if let Err(why) = check {
+            if s.dele(&tmp).await.is_err() {
+                lock(&self.orphans).push(tmp.clone());
+            }
+            return Err(FtpFail::Other(anyhow::anyhow!(
+                "upload of {tmp} incomplete: {why}"
+            )));
+        }
+        store.mark_delivering(pkg.id, &final_name, &tmp)?;
+        if let Err(e) = cmd!(s, format!("RNFR {tmp} / RNTO {final_name}"), |f| f
+            .rename(tmp.as_str(), final_name.as_str()))
+        {
+            if e.is_connection() {
+                // Whether the rename happened is unknown: recover() decides by the temp.
+                return Err(e);
+            }
+            // Refused (e.g. 553): leave nothing behind, retry next pass.
+            match s.dele(&tmp).await {
+                Ok(_) => store.reset_to_taken(pkg.id)?,
+                Err(e2) => {
+                    tracing::warn!(endpoint = %self.name, file = %tmp, "cannot delete the temp file after a refused rename: {e2}");
+                }
+            }
+            return Err(e);
+        }
+        let n = if self.config.numbered {
+            self.pattern(pkg.kind)
+                .parse(&final_name, true)
+                .and_then(|p| p.n)
+        } else {
+            None
+        };
+        store.mark_delivered(pkg.id, Some(&final_name), n.map(i64::from))?;
+        if let Some(n) = n {
+            highest.insert((pkg.pos, pkg.kind), n);
+        }
+        present.insert(
+            final_name.clone(),
+            Entry {
+                name: final_name.clone(),
+                size: pkg.size,
+                is_file: true,
+            },
+        );
+        tracing::info!(endpoint = %self.name, link = %pkg.link, till = pkg.pos, kind = %pkg.kind, package = pkg.id, bytes = pkg.size, "delivered {final_name}");
+        Ok(true)
+    }
+}
+
+/// Passes bytes through and keeps the first 512 (for the line-2 `@` check).
+struct HeadWriter<'a, W: std::io::Write> {
+    inner: &'a mut W,
+    head: Vec<u8>,
+}
+
+impl<W: std::io::Write> std::io::Write for HeadWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        let room = 512usize.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&buf[..n.min(room)]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parts_and_no_password_in_display() {
+        let t = Target::parse("ftp://kassa@127.0.0.1:2121/Files", Some("s3cret")).unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.user.as_str(), t.dir.as_str()),
+            ("127.0.0.1", 2121, "kassa", "Files")
+        );
+        assert_eq!(t.password, "s3cret");
+        assert!(!format!("{t:?}").contains("s3cret"));
+        let t = Target::parse("ftp://u:p%40ss@host/", None).unwrap();
+        assert_eq!(
+            (t.port, t.password.as_str(), t.dir.as_str()),
+            (21, "p@ss", "")
+        );
+        let t = Target::parse("ftp://u:inurl@[::1]:21/a/b%20c", Some("env")).unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.password.as_str(), t.dir.as_str()),
+            ("::1", "env", "a/b c")
+        );
+        assert!(!t.display().contains("env") && !t.display().contains("inurl"));
+        assert!(Target::parse("ftp://u@:21/x", None).is_err());
+        assert!(Target::parse("ftp://u@h:99999/x", None).is_err());
+    }
+
+    #[test]
+    fn list_lines_of_real_servers() {
+        let vs = "-rw-r--r--    1 999      0               6 Nov 25 23:00 POS1.spr.$1";
+        assert_eq!(
+            parse_list_line(vs),
+            Some(Entry {
+                name: "POS1.spr.$1".into(),
+                size: 6,
+                is_file: true
+            })
+        );
+        let dir = "drwxr-xr-x    2 999      995          4096 Nov 25 23:00 .";
+        assert!(!parse_list_line(dir).unwrap().is_file);
+        let year =
+            "-rw-------   1 owner group  1234567 Jan  3  2023 .kkm-bridge.0123456789abcdef.tmp";
+        let e = parse_list_line(year).unwrap();
+        assert_eq!(
+            (e.name.as_str(), e.size),
+            (".kkm-bridge.0123456789abcdef.tmp", 1234567)
+        );
+        let dos = "01-02-24  10:20AM                 1,234 POS2.rep.$10";
+        assert_eq!(parse_list_line(dos).unwrap().size, 1234);
+        assert_eq!(parse_list_line(dos).unwrap().name, "POS2.rep.$10");
+        let dosdir = "01-02-24  10:20AM       <DIR>          sub";
+        assert!(!parse_list_line(dosdir).unwrap().is_file);
+        assert_eq!(parse_list_line("total 12"), None);
+    }
+}
