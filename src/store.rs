@@ -1026,4 +1026,52 @@ mod tests {
             .unwrap();
         assert_eq!(next.source_name, "c");
     }
+
+    #[test]
+    fn ack_served_delivers_and_serves_the_next_in_one_step() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let mut ids = Vec::new();
+        let mut paths = Vec::new();
+        for name in ["a", "b"] {
+            let sp = s.spool_bytes(name.as_bytes()).unwrap();
+            paths.push(sp.path.clone());
+            ids.push(s.commit_taken(&taken(1, name), sp).unwrap());
+        }
+        assert_eq!(s.served("shop", 1).unwrap(), None);
+        s.set_served("shop", 1, 7, Some(ids[0]), false).unwrap();
+        s.set_served("shop", 1, 3, Some(ids[0]), true).unwrap();
+        assert_eq!(
+            s.served("shop", 1).unwrap(),
+            Some(Served {
+                number: 3,
+                package_id: Some(ids[0]),
+                resets: 1
+            })
+        );
+        let next = s.ack_served("shop", "l", 1, ids[0], 3, 4).unwrap().unwrap();
+        assert_eq!(next.id, ids[1]);
+        assert!(!s.is_pending(ids[0]).unwrap());
+        assert!(!paths[0].exists(), "the acknowledged payload is freed");
+        let seq: i64 = s
+            .with_conn(|c| {
+                c.query_row(
+                    "SELECT sink_seq FROM package WHERE id = ?1",
+                    [ids[0]],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(seq, 3);
+        assert_eq!(
+            s.served("shop", 1).unwrap().unwrap().package_id,
+            Some(ids[1])
+        );
+        assert!(s
+            .ack_served("shop", "l", 1, ids[1], 4, 5)
+            .unwrap()
+            .is_none());
+        let row = s.served("shop", 1).unwrap().unwrap();
+        assert_eq!((row.number, row.package_id, row.resets), (5, None, 1));
+    }
 }
