@@ -7,13 +7,19 @@
 //! - [`store`]: the durable store: SQLite journal + payload spool, the commit points.
 //! - [`endpoint`]: one module per exchange method (dir, ftp, http server, http client).
 //! - [`pump`]: moves packages source → store → sink, per till, in order.
+//! - [`status`]: the per-till view: `/status` page, `/metrics`, `kkm-bridge status`.
+//! - [`journal`]: journal queries (`kkm-bridge journal`), ISO-8601 dates.
+//! - [`check`]: `kkm-bridge check`: reach every endpoint once.
 //! - [`cli`]: the subcommands and their exit codes.
 //! - [`failpoint`]: crash points the crash tests use.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod endpoint;
 pub mod failpoint;
+pub mod journal;
 pub mod package;
 pub mod pump;
+pub mod status;
 pub mod store;
