@@ -327,7 +327,7 @@ async fn ftp_dialogue(cfg: &FtpConfig, url: &FtpUrl, limit: Duration) -> Result<
         .split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .skip(1)
-        .filter_map(|s| s.parse().ok())
+        .filter_map(|s| s.parse::<u16>().ok())
         .collect();
     if nums.len() < 6 {
         return Err(format!("cannot read the PASV reply: {text}"));
