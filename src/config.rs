@@ -938,5 +938,16 @@ pos = "1-2"
         let a = c.admin.unwrap();
         assert_eq!(a.listen.port(), 9180);
         assert_eq!(a.secret.unwrap().expose(), "s3cret");
+        let e = parse(&format!(
+            "{GOOD}\n[admin]\nlisten = \"127.0.0.1:9180\"\nlogin = \"it\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "admin");
+        assert!(
+            parse(&format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:9180\"\n"))
+                .unwrap()
+                .admin
+                .is_some()
+        );
     }
 }

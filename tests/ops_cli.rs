@@ -302,3 +302,86 @@ fn did_till_7_get_the_price_list_journal_and_status_answer_while_the_store_is_lo
     assert!(text.contains("POS7.spr.$1 #1"), "{text}");
     assert!(text.contains("1 shown"), "{text}");
 }
+
+#[test]
+fn check_logs_in_to_a_real_ftp_server_and_lists_when_one_is_available() {
+    let Ok(url) = std::env::var("KKM_TEST_FTP_URL") else {
+        eprintln!("NOTE: KKM_TEST_FTP_URL is not set; skipped (scripts/ftp-server start)");
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    write_config(
+        d.path(),
+        &format!("[endpoint.shopftp]\ntype = \"ftp\"\nurl = \"{url}\"\n"),
+    );
+    let o = run(d.path(), &["check"], None);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", stderr(&o));
+    assert!(out.contains("ok   shopftp (ftp "), "{out}");
+    assert!(out.contains("binary mode"), "{out}");
+    // A wrong password is a FAIL that names the user, not the password.
+    let bad = match url.split_once("://").and_then(|(_, r)| r.split_once('@')) {
+        Some((ui, host)) => format!("ftp://{}:wrong-pw@{host}", ui.split(':').next().unwrap()),
+        None => return,
+    };
+    write_config(
+        d.path(),
+        &format!("[endpoint.shopftp]\ntype = \"ftp\"\nurl = \"{bad}\"\n"),
+    );
+    let o = run(d.path(), &["check"], None);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(69), "{out}");
+    assert!(out.contains("refused"), "{out}");
+    assert!(!out.contains("wrong-pw"), "{out}");
+}
+
+/// A one-shot HTTP server answering every request with `status`; returns the port and the
+/// request lines it saw.
+fn tiny_http(status: &'static str) -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok((s, _)) = l.accept() {
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut head = String::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                head.push_str(&line);
+            }
+            let _ = tx.send(head);
+            let mut s = s;
+            let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn check_of_a_back_office_sends_only_a_head_of_its_url() {
+    let d = tempfile::tempdir().unwrap();
+    for (status, code) in [("404 Not Found", 0), ("401 Unauthorized", 69)] {
+        let (port, seen) = tiny_http(status);
+        write_config(
+            d.path(),
+            &format!(
+                "[endpoint.bo]\ntype = \"http-client\"\nurl = \"http://127.0.0.1:{port}/trade/hs/KKMTransfer\"\nlogin = \"kassa\"\npassword = \"hunter2\"\n"
+            ),
+        );
+        let o = run(d.path(), &["check"], None);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(o.status.code(), Some(code), "{out}");
+        assert!(out.contains(status), "{out}");
+        assert!(!out.contains("hunter2"));
+        let head = seen.recv().unwrap();
+        assert!(
+            head.starts_with("HEAD /trade/hs/KKMTransfer HTTP/1.1\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("Authorization: Basic "), "{head}");
+    }
+}
