@@ -30,6 +30,10 @@ pub struct Config {
     pub endpoints: BTreeMap<String, EndpointConfig>,
     pub links: Vec<LinkConfig>,
     pub admin: Option<AdminConfig>,
+    /// How long journal rows are kept (`retention`, default 90 days); `None` = forever
+    /// (`retention = "0"`). Payloads are freed at delivery already; this prunes the audit
+    /// trail of delivered packages. Undelivered packages are never pruned.
+    pub retention: Option<Duration>,
     /// Things worth a warning at start (e.g. a password in clear text).
     pub warnings: Vec<String>,
 }
@@ -44,6 +48,13 @@ struct RawConfig {
     link: Vec<RawLink>,
     #[serde(default)]
     admin: Option<AdminConfig>,
+    #[serde(default = "default_retention", deserialize_with = "de_duration")]
+    retention: Duration,
+}
+
+/// 90 days of journal rows by default.
+fn default_retention() -> Duration {
+    Duration::from_secs(90 * 86_400)
 }
 
 #[derive(Debug, Deserialize)]
@@ -456,7 +467,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => v,
         "m" | "min" => v * 60.0,
         "h" => v * 3600.0,
-        u => return Err(format!("{s:?}: unknown unit {u:?}; use ms, s, m or h")),
+        "d" => v * 86_400.0,
+        u => return Err(format!("{s:?}: unknown unit {u:?}; use ms, s, m, h or d")),
     };
     if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
         return Err(format!("{s:?} is out of range"));
@@ -745,6 +757,19 @@ impl Config {
         if let Some(a) = &mut admin {
             a.secret =
                 resolve_secret(&a.password, &a.password_env).map_err(|r| err("admin".into(), r))?;
+            if a.login.is_some() != a.secret.is_some() {
+                return Err(err(
+                    "admin".into(),
+                    "set login together with password or password_env (or neither, for an \
+                     admin listener without a password on a trusted address)"
+                        .into(),
+                ));
+            }
+            if a.password.is_some() {
+                warnings.push(format!(
+                    "{file}: admin.password is in clear text; prefer password_env"
+                ));
+            }
         }
         Ok(Config {
             file: path.to_path_buf(),
@@ -752,6 +777,7 @@ impl Config {
             endpoints,
             links,
             admin,
+            retention: (!raw.retention.is_zero()).then_some(raw.retention),
             warnings,
         })
     }
@@ -849,6 +875,10 @@ pos = "1-20"
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert!(parse_duration("2 weeks").is_err());
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
         assert_eq!(parse_size("64MiB").unwrap(), 64 << 20);
         assert!(parse_size("64XB").is_err());
     }
@@ -881,5 +911,43 @@ pos = "1-2"
         .unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
         assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
+    fn retention_defaults_to_90_days_and_zero_keeps_forever() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.retention, Some(Duration::from_secs(90 * 86_400)));
+        let c = parse(&format!("retention = \"30d\"\n{GOOD}")).unwrap();
+        assert_eq!(c.retention, Some(Duration::from_secs(30 * 86_400)));
+        let c = parse(&format!("retention = \"0\"\n{GOOD}")).unwrap();
+        assert_eq!(c.retention, None);
+        let e = parse(&format!("retention = \"30 days\"\n{GOOD}")).unwrap_err();
+        assert!(
+            e.to_string().contains("retention") || e.key.starts_with("line"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn admin_listener_with_password_env() {
+        std::env::set_var("KKM_TEST_ADMIN_PW", "s3cret");
+        let c = parse(&format!(
+            "{GOOD}\n[admin]\nlisten = \"127.0.0.1:9180\"\nlogin = \"it\"\npassword_env = \"KKM_TEST_ADMIN_PW\"\n"
+        ))
+        .unwrap();
+        let a = c.admin.unwrap();
+        assert_eq!(a.listen.port(), 9180);
+        assert_eq!(a.secret.unwrap().expose(), "s3cret");
+        let e = parse(&format!(
+            "{GOOD}\n[admin]\nlisten = \"127.0.0.1:9180\"\nlogin = \"it\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "admin");
+        assert!(
+            parse(&format!("{GOOD}\n[admin]\nlisten = \"127.0.0.1:9180\"\n"))
+                .unwrap()
+                .admin
+                .is_some()
+        );
     }
 }

@@ -8,16 +8,22 @@
 //! - [`endpoint`]: one module per exchange method (dir, ftp, http server, http client).
 //! - [`pump`]: moves packages source → store → sink, per till, in order.
 //! - [`watch`]: the daemon's wake-ups (filesystem events, timers, reports, shutdown).
+//! - [`status`]: the per-till view: `/status` page, `/metrics`, `kkm-bridge status`.
+//! - [`journal`]: journal queries (`kkm-bridge journal`), ISO-8601 dates.
+//! - [`check`]: `kkm-bridge check`: reach every endpoint once.
 //! - [`cli`]: the subcommands and their exit codes.
 //! - [`sim`]: a back office and a till simulator, for trying the bridge and for tests.
 //! - [`failpoint`]: crash points the crash tests use.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod endpoint;
 pub mod failpoint;
+pub mod journal;
 pub mod package;
 pub mod pump;
 pub mod sim;
+pub mod status;
 pub mod store;
 pub mod watch;

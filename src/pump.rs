@@ -38,19 +38,14 @@ pub struct Pump {
     pub config: Arc<Config>,
     pub store: Arc<Store>,
     pub endpoints: BTreeMap<String, Arc<Endpoint>>,
+    /// What the status page shows beyond the journal: reachability, last errors.
+    pub live: Arc<crate::status::Live>,
 }
 
 impl Pump {
     pub fn new(config: Arc<Config>, store: Arc<Store>) -> anyhow::Result<Pump> {
-        let endpoints = endpoint::build(&config)?
-            .into_iter()
-            .map(|e| (e.name().to_string(), Arc::new(e)))
-            .collect();
-        Ok(Pump {
-            config,
-            store,
-            endpoints,
-        })
+        let endpoints = endpoint::build(&config)?;
+        Ok(Pump::with_endpoints(config, store, endpoints))
     }
 
     pub fn with_endpoints(
@@ -58,6 +53,12 @@ impl Pump {
         store: Arc<Store>,
         endpoints: Vec<Endpoint>,
     ) -> Pump {
+        let live = crate::status::Live::new();
+        for e in &endpoints {
+            if let Endpoint::Http(h) = e {
+                let _ = h.live.set(live.clone());
+            }
+        }
         Pump {
             config,
             store,
@@ -65,6 +66,7 @@ impl Pump {
                 .into_iter()
                 .map(|e| (e.name().to_string(), Arc::new(e)))
                 .collect(),
+            live,
         }
     }
 
@@ -86,17 +88,22 @@ impl Pump {
                 report.taken += r.taken;
                 report.waiting += r.waiting;
                 if r.failed > 0 {
-                    report.errors.push(format!(
-                        "endpoint {}: {} file(s) could not be taken",
+                    let msg = format!(
+                        "endpoint {}: {} package(s) could not be taken",
                         ep.name(),
                         r.failed
-                    ));
+                    );
+                    self.live.endpoint_error(ep.name(), &msg);
+                    report.errors.push(msg);
+                } else if !dry_run {
+                    self.live.endpoint_ok(ep.name());
                 }
                 report.planned.extend(r.planned);
             }
             Err(e) => {
                 let msg = format!("endpoint {}: {e:#}", ep.name());
                 tracing::error!("{msg}");
+                self.live.endpoint_error(ep.name(), &msg);
                 report.errors.push(msg);
             }
         }
@@ -141,10 +148,14 @@ impl Pump {
                 report.delivered += r.delivered;
                 report.queued += r.busy + r.failed;
                 if r.failed > 0 {
-                    report.errors.push(format!(
+                    let msg = format!(
                         "link {}: {} package(s) could not be delivered to {sink_name}",
                         link.name, r.failed
-                    ));
+                    );
+                    self.live.endpoint_error(sink_name, &msg);
+                    report.errors.push(msg);
+                } else if r.delivered > 0 {
+                    self.live.endpoint_ok(sink_name);
                 }
                 report.planned.extend(r.planned);
             }
@@ -152,6 +163,7 @@ impl Pump {
                 report.queued += n;
                 let msg = format!("link {} → {sink_name}: {e:#}", link.name);
                 tracing::error!("{msg}");
+                self.live.endpoint_error(sink_name, &msg);
                 report.errors.push(msg);
             }
         }

@@ -151,7 +151,8 @@ pub struct Store {
     spool: PathBuf,
     db_file: String,
     conn: Mutex<Connection>,
-    _lock: File,
+    /// The exclusive lock; `None` for a read-only store (`status`, `journal`).
+    _lock: Option<File>,
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -295,10 +296,102 @@ impl Store {
             spool,
             db_file,
             conn: Mutex::new(conn),
-            _lock: lock,
+            _lock: Some(lock),
         };
         store.remove_orphan_spool_files()?;
         Ok(store)
+    }
+
+    /// Opens the journal for reading only, without the lock, so that `status` and
+    /// `journal` work while a `run` daemon or a `sync` holds the store (WAL lets readers
+    /// read while the writer writes). A state_dir that has no journal yet reads as empty.
+    pub fn open_read_only(state_dir: &Path) -> Result<Store> {
+        use rusqlite::OpenFlags;
+        let db_path = state_dir.join("journal.sqlite");
+        let db_file = db_path.display().to_string();
+        let sql = |source| StoreError::Sql {
+            file: db_file.clone(),
+            source,
+        };
+        let conn = if db_path.exists() {
+            let conn = Connection::open_with_flags(
+                &db_path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(sql)?;
+            conn.busy_timeout(std::time::Duration::from_secs(10))
+                .map_err(sql)?;
+            let version: i64 = conn
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .map_err(sql)?;
+            if version == 0 {
+                // Created but not migrated yet: nothing has moved.
+                Self::empty_journal().map_err(sql)?
+            } else {
+                conn
+            }
+        } else {
+            Self::empty_journal().map_err(sql)?
+        };
+        Ok(Store {
+            dir: state_dir.to_path_buf(),
+            spool: state_dir.join("spool"),
+            db_file,
+            conn: Mutex::new(conn),
+            _lock: None,
+        })
+    }
+
+    /// An in-memory journal with the current schema and no rows.
+    fn empty_journal() -> rusqlite::Result<Connection> {
+        let conn = Connection::open_in_memory()?;
+        for m in MIGRATIONS {
+            conn.execute_batch(m)?;
+        }
+        Ok(conn)
+    }
+
+    /// Deletes journal rows of packages delivered before `now - older_than`, keeping the
+    /// newest delivered row of every (link, till, direction) so that the status view still knows the
+    /// last package. Undelivered packages are never pruned. Returns the rows deleted.
+    pub fn prune(&self, older_than: std::time::Duration) -> Result<u64> {
+        let cutoff = now_ms() - older_than.as_millis().min(i64::MAX as u128) as i64;
+        let n = self
+            .conn()
+            .execute(
+                "DELETE FROM package WHERE state = 'delivered' AND delivered_at < ?1
+                 AND id NOT IN (SELECT MAX(id) FROM package WHERE state = 'delivered'
+                                GROUP BY link, pos, direction)",
+                params![cutoff],
+            )
+            .map_err(|e| self.sql(e))?;
+        Ok(n as u64)
+    }
+
+    /// Runs [`Store::prune`] if the last prune (recorded in `state_dir/last-prune`) is more
+    /// than an hour old, so that `sync` from cron and the daemon prune at most once an hour.
+    pub fn prune_if_due(&self, retention: Option<std::time::Duration>) -> Result<Option<u64>> {
+        let Some(retention) = retention else {
+            return Ok(None);
+        };
+        if self._lock.is_none() {
+            return Ok(None);
+        }
+        let marker = self.dir.join("last-prune");
+        let due = match fs::metadata(&marker).and_then(|m| m.modified()) {
+            Ok(t) => t.elapsed().map(|e| e.as_secs() >= 3600).unwrap_or(true),
+            Err(_) => true,
+        };
+        if !due {
+            return Ok(None);
+        }
+        let n = self.prune(retention)?;
+        fs::write(&marker, now_ms().to_string())
+            .map_err(|e| self.io("cannot write last-prune", e))?;
+        if n > 0 {
+            tracing::info!(rows = n, "pruned journal rows older than the retention");
+        }
+        Ok(Some(n))
     }
 
     pub fn dir(&self) -> &Path {
@@ -1073,5 +1166,58 @@ mod tests {
             .is_none());
         let row = s.served("shop", 1).unwrap().unwrap();
         assert_eq!((row.number, row.package_id, row.resets), (5, None, 1));
+    }
+
+    #[test]
+    fn a_read_only_store_reads_while_the_writer_holds_the_lock() {
+        let d = tempfile::tempdir().unwrap();
+        let empty = Store::open_read_only(d.path()).unwrap();
+        assert_eq!(empty.counts(None).unwrap(), Counts::default());
+        let w = Store::open(d.path()).unwrap();
+        let sp = w.spool_bytes(b"x").unwrap();
+        w.commit_taken(&taken(1, "a"), sp).unwrap();
+        let r = Store::open_read_only(d.path()).unwrap();
+        assert_eq!(r.counts(None).unwrap().queued, 1);
+        let sp = w.spool_bytes(b"y").unwrap();
+        w.commit_taken(&taken(2, "b"), sp).unwrap();
+        assert_eq!(r.counts(None).unwrap().queued, 2);
+        // Still locked for writers.
+        assert!(matches!(
+            Store::open(d.path()).err().unwrap(),
+            StoreError::Locked { .. }
+        ));
+    }
+
+    #[test]
+    fn prune_deletes_old_delivered_rows_but_keeps_the_last_per_till() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let mut ids = Vec::new();
+        for name in ["a", "b", "c"] {
+            let sp = s.spool_bytes(name.as_bytes()).unwrap();
+            ids.push(s.commit_taken(&taken(1, name), sp).unwrap());
+        }
+        s.mark_delivered(ids[0], None, None).unwrap();
+        s.mark_delivered(ids[1], None, None).unwrap();
+        // Nothing is old enough yet.
+        assert_eq!(s.prune(std::time::Duration::from_secs(3600)).unwrap(), 0);
+        s.with_conn(|c| c.execute("UPDATE package SET delivered_at = 1", []))
+            .unwrap();
+        // a is old and not the newest row of till 1; c is undelivered.
+        assert_eq!(s.prune(std::time::Duration::from_secs(3600)).unwrap(), 1);
+        assert!(s.package(ids[0]).unwrap().is_none());
+        assert!(s.package(ids[1]).unwrap().is_some());
+        assert!(s.package(ids[2]).unwrap().is_some());
+        assert_eq!(s.counts(None).unwrap().queued, 1);
+        assert_eq!(s.prune_if_due(None).unwrap(), None);
+        assert!(s
+            .prune_if_due(Some(std::time::Duration::from_secs(1)))
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            s.prune_if_due(Some(std::time::Duration::from_secs(1)))
+                .unwrap(),
+            None
+        );
     }
 }

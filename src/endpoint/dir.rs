@@ -292,7 +292,8 @@ impl DirEndpoint {
             },
             spooled,
         )?;
-        tracing::info!(endpoint = %self.name, link = %route.link, till = c.pos, kind = %c.kind, package = id, bytes = size, "taken {}", c.entry.name);
+        // debug: the one info line per package is "delivered" (README "Logs").
+        tracing::debug!(endpoint = %self.name, link = %route.link, till = c.pos, kind = %c.kind, package = id, bytes = size, "taken {}", c.entry.name);
         crash_point("after-taken");
         self.remove_source(&c.entry.name, id)?;
         crash_point("after-source-removed");
@@ -446,7 +447,7 @@ impl DirEndpoint {
         if let Some(n) = n {
             highest.insert((pkg.pos, pkg.kind), n);
         }
-        tracing::info!(endpoint = %self.name, link = %pkg.link, till = pkg.pos, kind = %pkg.kind, package = pkg.id, bytes = pkg.size, "delivered {final_name}");
+        tracing::info!(endpoint = %self.name, link = %pkg.link, till = pkg.pos, kind = %pkg.kind, package = pkg.id, bytes = pkg.size, source = %pkg.source_name, sha256 = %pkg.sha256, "delivered {final_name}");
         Ok(true)
     }
 

@@ -55,6 +55,8 @@ pub struct HttpServerEndpoint {
     pub routes: Routes,
     /// Serialises the read-modify-write of the serving state and the SendData dedup.
     serving: Mutex<()>,
+    /// The daemon's live view (last contact, request latency), when running under `run`.
+    pub live: std::sync::OnceLock<Arc<crate::status::Live>>,
 }
 
 /// What a till gets from ReceiveData.
@@ -154,6 +156,7 @@ impl HttpServerEndpoint {
             config,
             routes,
             serving: Mutex::new(()),
+            live: std::sync::OnceLock::new(),
         }
     }
 
@@ -409,6 +412,7 @@ impl HttpServerEndpoint {
             .route("/SendData/{pos}/{number}/{uid}", post(send_data))
             .fallback(not_found)
             .layer(DefaultBodyLimit::disable())
+            .layer(axum::middleware::from_fn_with_state(self.clone(), observe))
             .with_state(state);
         let prefix = self.config.prefix.trim_end_matches('/');
         if prefix.is_empty() {
@@ -433,6 +437,34 @@ impl HttpServerEndpoint {
             .with_graceful_shutdown(shutdown)
             .await
     }
+}
+
+/// Records each request in the live view: the till's last contact and the latency.
+async fn observe(
+    State(ep): State<Arc<HttpServerEndpoint>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(live) = ep.live.get().cloned() else {
+        return next.run(req).await;
+    };
+    let t0 = std::time::Instant::now();
+    let mut parts = req.uri().path().trim_start_matches('/').split('/');
+    let first = parts.next().unwrap_or("");
+    let pos = if first == "SendData" {
+        parts.next()
+    } else {
+        Some(first)
+    }
+    .and_then(|p| p.parse::<u32>().ok());
+    let resp = next.run(req).await;
+    live.observe_request(&ep.name, t0.elapsed());
+    if let Some(pos) = pos.filter(|&p| ep.routes.route(p).is_some()) {
+        if resp.status().is_success() {
+            live.till_contact(&ep.name, pos);
+        }
+    }
+    resp
 }
 
 #[derive(Clone)]
