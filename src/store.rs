@@ -213,6 +213,37 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Inserts the journal row of a taken package (state 'taken').
+fn insert_taken(
+    c: &Connection,
+    t: &Taken<'_>,
+    spooled: &Spooled,
+    source_done: bool,
+) -> rusqlite::Result<i64> {
+    c.execute(
+        "INSERT INTO package (link, pos, direction, kind, uid, source_endpoint, source_name,
+            source_seq, source_done, sink_endpoint, sha256, size, spool, state, taken_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'taken', ?14)",
+        params![
+            t.link,
+            t.pos,
+            t.kind.direction().as_str(),
+            t.kind.as_str(),
+            t.uid,
+            t.source_endpoint,
+            t.source_name,
+            t.source_seq,
+            source_done,
+            t.sink_endpoint,
+            spooled.sha256,
+            spooled.size as i64,
+            spooled.file_name,
+            now_ms(),
+        ],
+    )?;
+    Ok(c.last_insert_rowid())
+}
+
 /// fsyncs a directory so that a rename or a new file in it survives a power cut.
 /// (Windows cannot open directories for this; NTFS journals renames itself.)
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -487,28 +518,8 @@ impl Store {
     /// Commit point 1: the package is in the store. Returns its journal id.
     pub fn commit_taken(&self, t: &Taken<'_>, spooled: Spooled) -> Result<i64> {
         let conn = self.conn();
-        let r = conn.execute(
-            "INSERT INTO package (link, pos, direction, kind, uid, source_endpoint, source_name,
-                source_seq, sink_endpoint, sha256, size, spool, state, taken_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, 'taken', ?13)",
-            params![
-                t.link,
-                t.pos,
-                t.kind.direction().as_str(),
-                t.kind.as_str(),
-                t.uid,
-                t.source_endpoint,
-                t.source_name,
-                t.source_seq,
-                t.sink_endpoint,
-                spooled.sha256,
-                spooled.size as i64,
-                spooled.file_name,
-                now_ms(),
-            ],
-        );
-        match r {
-            Ok(_) => Ok(conn.last_insert_rowid()),
+        match insert_taken(&conn, t, &spooled, false) {
+            Ok(id) => Ok(id),
             Err(e) => {
                 drop(conn);
                 spooled.discard();
@@ -529,27 +540,7 @@ impl Store {
         let mut conn = self.conn();
         let r = (|| -> rusqlite::Result<i64> {
             let tx = conn.transaction()?;
-            tx.execute(
-                "INSERT INTO package (link, pos, direction, kind, uid, source_endpoint, source_name,
-                    source_seq, source_done, sink_endpoint, sha256, size, spool, state, taken_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1, ?9, ?10, ?11, ?12, 'taken', ?13)",
-                params![
-                    t.link,
-                    t.pos,
-                    t.kind.direction().as_str(),
-                    t.kind.as_str(),
-                    t.uid,
-                    t.source_endpoint,
-                    t.source_name,
-                    t.source_seq,
-                    t.sink_endpoint,
-                    spooled.sha256,
-                    spooled.size as i64,
-                    spooled.file_name,
-                    now_ms(),
-                ],
-            )?;
-            let id = tx.last_insert_rowid();
+            let id = insert_taken(&tx, t, &spooled, true)?;
             tx.execute(
                 "INSERT INTO client_counter (endpoint, pos, dir, next) VALUES (?1, ?2, 'receive', ?3)
                  ON CONFLICT (endpoint, pos, dir) DO UPDATE SET next = excluded.next",
