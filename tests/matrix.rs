@@ -916,3 +916,102 @@ async fn backoffice_to_ftp_single_file_tills() {
 async fn backoffice_to_http() {
     pair(HTTP, HTTP).await;
 }
+
+// ------------------------------------------------------------------ the flr flow, alone
+
+/// PROTOCOL.md §4: the back office's flr reaches an HTTP till with the same UID, and the
+/// report the till sends with that UID reaches the back office with it.
+#[tokio::test]
+async fn flr_uid_goes_from_the_back_office_to_the_till_and_comes_back_with_its_report() {
+    let mut s = Scenario::new(HTTP, HTTP, None).await;
+    let bo = s.bo.clone().unwrap();
+    bo.queue(FLR_TILL, Kind::Flr, flr(FLR_TILL), Some(FLR_UID.into()));
+    let start = Instant::now();
+    let got = loop {
+        s.pass().await;
+        let got = s
+            .tills
+            .get_mut(&FLR_TILL)
+            .unwrap()
+            .pull_all()
+            .await
+            .unwrap();
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(start.elapsed() < LIMIT, "the flr reaches the till");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].kind, "flr");
+    assert_eq!(got[0].uid.as_deref(), Some(FLR_UID));
+    assert!(got[0].bytes == flr(FLR_TILL));
+    assert_eq!(
+        bo.acked(FLR_TILL).len(),
+        1,
+        "the bridge acknowledged the flr"
+    );
+    let till = s.tills.get_mut(&FLR_TILL).unwrap();
+    let code = till
+        .send_report(&flr_answer(FLR_TILL), Some(FLR_UID))
+        .await
+        .unwrap();
+    assert_eq!(code, "0");
+    while bo.reports().is_empty() {
+        s.pass().await;
+        assert!(
+            start.elapsed() < LIMIT,
+            "the report reaches the back office"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let r = bo.reports();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].pos, FLR_TILL);
+    assert_eq!(r[0].uid.as_deref(), Some(FLR_UID));
+    assert!(r[0].bytes == flr_answer(FLR_TILL));
+}
+
+// ------------------------------------------------------------------ example configs
+
+/// Every examples/*.toml loads (passwords from the environment, as in production).
+#[test]
+fn every_example_config_loads() {
+    for var in [
+        "KKM_FTP_PASSWORD",
+        "KKM_SHOP_FTP_PASSWORD",
+        "KKM_TILL_PASSWORD",
+        "KKM_TILLS_PASSWORD",
+        "KKM_KASSA_PASSWORD",
+        "KKM_BO_PASSWORD",
+        "KKM_BACKOFFICE_PASSWORD",
+        "KKM_ADMIN_PASSWORD",
+    ] {
+        std::env::set_var(var, "example-secret");
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let c = Config::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert!(!c.links.is_empty(), "{}: no link", p.display());
+            n += 1;
+        }
+    }
+    // The nine pairs (store.toml is dir → http) and the starter.
+    for name in [
+        "dir-to-dir",
+        "dir-to-ftp",
+        "store",
+        "ftp-to-dir",
+        "ftp-to-ftp",
+        "ftp-to-http",
+        "backoffice-to-dir",
+        "backoffice-to-ftp",
+        "backoffice-to-http",
+    ] {
+        assert!(dir.join(format!("{name}.toml")).exists(), "{name}.toml");
+    }
+    assert!(n >= 10, "{n} example configs");
+}
