@@ -214,6 +214,14 @@ impl Daemon {
                         continue;
                     }
                     while ev_rx.try_recv().is_ok() {}
+                    // A file consumed here (a till took its single file, the office took a
+                    // report) may free the name the next package waits for: deliver now
+                    // rather than on the retry timer.
+                    if ep.is_push_sink() {
+                        for r in &ep.routes().links {
+                            self.wake_link(&r.link);
+                        }
+                    }
                     let at = Instant::now() + settle;
                     next_take = Some(next_take.map_or(at, |t| t.min(at)));
                 }
@@ -244,7 +252,7 @@ fn watch_dir(
     let handler = move |res: notify::Result<notify::Event>| match res {
         Ok(ev) => {
             let relevant = match ev.kind {
-                EventKind::Access(_) | EventKind::Remove(_) => false,
+                EventKind::Access(_) => false,
                 _ => !ev.paths.iter().all(|p| {
                     p.file_name()
                         .and_then(|n| n.to_str())

@@ -373,3 +373,59 @@ pos = "21-30"
     assert!(child.wait().unwrap().success());
     drop(busy);
 }
+
+#[tokio::test]
+async fn single_file_tills_get_the_next_file_as_soon_as_they_consume_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = r#"
+state_dir = "var/state"
+[endpoint.office]
+type = "dir"
+path = "var/office"
+settle = "0s"
+rescan = "30s"
+[endpoint.shop]
+type = "dir"
+path = "var/shop"
+numbered = false
+settle = "0s"
+rescan = "30s"
+[[link]]
+office = "office"
+kassa = "shop"
+pos = "1-5"
+"#;
+    std::fs::write(dir.path().join("k.toml"), cfg).unwrap();
+    let office = dir.path().join("var/office");
+    let shop = dir.path().join("var/shop");
+    std::fs::create_dir_all(&office).unwrap();
+    for k in 1..=3u32 {
+        std::fs::write(office.join(format!("POS2.spr.${k}")), spr_for(2, k)).unwrap();
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kkm-bridge"))
+        .args(["run", "--config", "k.toml"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let file = shop.join("POS2.spr");
+    for k in 1..=3u32 {
+        // The till finds its one file, loads it and deletes it; the next one must follow
+        // at once (filesystem events), not after the 5 s retry or the 30 s rescan.
+        let start = Instant::now();
+        while std::fs::read(&file).ok() != Some(spr_for(2, k)) {
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "package {k} written within 3 s of the previous one being consumed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        std::fs::remove_file(&file).unwrap();
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
