@@ -181,6 +181,9 @@ pub struct HttpConfig {
     pub auth: AuthMode,
     #[serde(default = "default_max_body", deserialize_with = "de_size")]
     pub max_body: u64,
+    /// The longest a SendData body may take to arrive (slow-loris guard).
+    #[serde(default = "default_body_timeout", deserialize_with = "de_duration")]
+    pub body_timeout: Duration,
     #[serde(default)]
     pub user: Vec<UserConfig>,
 }
@@ -193,6 +196,9 @@ fn default_auth() -> AuthMode {
 }
 fn default_max_body() -> u64 {
     64 << 20
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

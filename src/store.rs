@@ -74,6 +74,17 @@ pub struct SpoolWriter {
     hasher: Sha256,
     size: u64,
     dir: PathBuf,
+    /// Set by [`SpoolWriter::finish`]; a writer dropped before (a failed copy, a full
+    /// disk) removes its partial file, so failures do not fill the disk further.
+    finished: bool,
+}
+
+impl Drop for SpoolWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Write for SpoolWriter {
@@ -90,13 +101,14 @@ impl Write for SpoolWriter {
 
 impl SpoolWriter {
     /// fsyncs the file and its directory.
-    pub fn finish(self) -> io::Result<Spooled> {
+    pub fn finish(mut self) -> io::Result<Spooled> {
         self.file.sync_all()?;
         sync_dir(&self.dir)?;
+        self.finished = true;
         Ok(Spooled {
-            file_name: self.file_name,
-            path: self.path,
-            sha256: hex::encode(self.hasher.finalize()),
+            file_name: std::mem::take(&mut self.file_name),
+            path: std::mem::take(&mut self.path),
+            sha256: hex::encode(std::mem::take(&mut self.hasher).finalize()),
             size: self.size,
         })
     }
@@ -502,6 +514,7 @@ impl Store {
             hasher: Sha256::new(),
             size: 0,
             dir,
+            finished: false,
         })
     }
 
@@ -1058,6 +1071,20 @@ mod tests {
                 delivered: 1
             }
         );
+    }
+
+    #[test]
+    fn a_spool_writer_dropped_before_finish_leaves_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let mut w = s.spool_writer().unwrap();
+        w.write_all(b"half a package").unwrap();
+        let path = w.path.clone();
+        assert!(path.exists());
+        drop(w); // the copy failed (disk full, source gone)
+        assert!(!path.exists(), "the partial spool file is removed at once");
+        let sp = s.spool_bytes(b"whole").unwrap();
+        assert!(sp.path.exists(), "a finished one stays");
     }
 
     #[test]

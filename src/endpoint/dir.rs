@@ -227,14 +227,28 @@ impl DirEndpoint {
                     ));
                     continue;
                 }
+                let key = format!("takefail:{}", c.entry.name);
                 match self.take_one(store, &c) {
-                    Ok(true) => report.taken += 1,
-                    Ok(false) => {
-                        report.waiting += 1;
-                        break;
+                    Ok(taken) => {
+                        if self.warned.contains(&key) {
+                            self.warned.forget(&key);
+                            tracing::info!(endpoint = %self.name, file = %c.entry.name, till = c.pos, "can take files again");
+                        }
+                        if taken {
+                            report.taken += 1;
+                        } else {
+                            report.waiting += 1;
+                            break;
+                        }
                     }
                     Err(e) => {
-                        tracing::error!(endpoint = %self.name, file = %c.entry.name, till = c.pos, "cannot take: {e:#}");
+                        // Loud once per change of state (a full disk fails every pass);
+                        // the file stays where it is.
+                        if self.warned.first(&key) {
+                            tracing::error!(endpoint = %self.name, file = %c.entry.name, till = c.pos, "cannot take (the file stays in place; retried every pass): {e:#}");
+                        } else {
+                            tracing::debug!(endpoint = %self.name, file = %c.entry.name, till = c.pos, "still cannot take: {e:#}");
+                        }
                         report.failed += 1;
                         break;
                     }
@@ -377,14 +391,26 @@ impl DirEndpoint {
                 }
                 continue;
             }
+            let key = format!("deliverfail:{}", pkg.id);
             match self.deliver_one(store, &pkg, &mut highest) {
-                Ok(true) => report.delivered += 1,
-                Ok(false) => {
-                    report.busy += 1;
-                    blocked_pos = Some(pkg.pos);
+                Ok(delivered) => {
+                    if self.warned.contains(&key) {
+                        self.warned.forget(&key);
+                        tracing::info!(endpoint = %self.name, till = pkg.pos, package = pkg.id, "can deliver again");
+                    }
+                    if delivered {
+                        report.delivered += 1;
+                    } else {
+                        report.busy += 1;
+                        blocked_pos = Some(pkg.pos);
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(endpoint = %self.name, till = pkg.pos, package = pkg.id, "cannot deliver {}: {e:#}", pkg.describe());
+                    if self.warned.first(&key) {
+                        tracing::error!(endpoint = %self.name, till = pkg.pos, package = pkg.id, "cannot deliver {} (it stays queued; retried every pass): {e:#}", pkg.describe());
+                    } else {
+                        tracing::debug!(endpoint = %self.name, till = pkg.pos, package = pkg.id, "still cannot deliver {}: {e:#}", pkg.describe());
+                    }
                     report.failed += 1;
                     blocked_pos = Some(pkg.pos);
                 }

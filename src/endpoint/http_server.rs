@@ -220,7 +220,15 @@ impl HttpServerEndpoint {
         number: &str,
     ) -> Result<Checked, Box<Response>> {
         let user = self.authenticate(headers)?;
-        let (Ok(pos_n), Ok(number_n)) = (pos.parse::<u32>(), number.parse::<i64>()) else {
+        // Digits only (a number may carry a minus, refused below with its own message):
+        // `u32::from_str` alone would also take "+7".
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let parsed = if digits(pos) && digits(number.strip_prefix('-').unwrap_or(number)) {
+            (pos.parse::<u32>().ok(), number.parse::<i64>().ok())
+        } else {
+            (None, None)
+        };
+        let (Some(pos_n), Some(number_n)) = parsed else {
             tracing::warn!(endpoint = %self.name, till = %pos, number = %number, "refused: till or package number is not a number");
             return Err(method.error(
                 StatusCode::OK,
@@ -503,6 +511,15 @@ async fn receive_data(
     }
 }
 
+/// A UID as tills and 1C send it (a GUID, possibly in braces). Anything else (path
+/// separators, control characters, kilobytes of text) is refused before it reaches the
+/// journal.
+fn valid_uid(u: &str) -> bool {
+    (1..=64).contains(&u.len())
+        && u.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'{' | b'}'))
+}
+
 /// Reads the body chunk by chunk and stops as soon as it exceeds `max`.
 async fn read_limited(body: Body, max: u64) -> Result<Vec<u8>, String> {
     let mut body = body;
@@ -546,6 +563,16 @@ async fn send_data(
     };
     let uid = params.get("uid").cloned();
     let (pos, number) = (c.pos, c.number);
+    if let Some(u) = &uid {
+        if !valid_uid(u) {
+            tracing::warn!(endpoint = %st.ep.name, till = pos, number, "SendData refused: malformed UID");
+            return send_reply(
+                StatusCode::OK,
+                errcode::ERROR,
+                format!("ККМ {pos}, пакет {number}: неверный UID (ожидаются до 64 символов: буквы, цифры, '-', '_', '{{', '}}')"),
+            );
+        }
+    }
     let max = st.ep.config.max_body;
     let refuse = |msg: String| {
         tracing::warn!(endpoint = %st.ep.name, till = pos, number, "SendData refused: {msg}");
@@ -562,9 +589,16 @@ async fn send_data(
     if declared.is_some_and(|n| n > max) {
         return refuse(format!("тело запроса больше max_body ({max} байт)"));
     }
-    let raw = match read_limited(body, max).await {
-        Ok(b) => b,
-        Err(msg) => return refuse(msg),
+    let limit = st.ep.config.body_timeout;
+    let raw = match tokio::time::timeout(limit, read_limited(body, max)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(msg)) => return refuse(msg),
+        Err(_) => {
+            return refuse(format!(
+                "тело запроса не пришло за body_timeout ({} с)",
+                limit.as_secs_f64()
+            ))
+        }
     };
     let text = match body_base64(&raw) {
         Ok(t) => t,
@@ -585,6 +619,11 @@ async fn send_data(
     };
     if bytes.is_empty() {
         return refuse("пустой пакет (нет данных отчёта)".into());
+    }
+    if bytes.starts_with(b"PK\x03\x04") {
+        // A report is text; a ZIP inside the ZIP is never one (and could be a bomb for
+        // whoever unpacks it next).
+        return refuse("вложенный ZIP-архив: отчёт должен быть файлом, а не архивом".into());
     }
     let (ep, store) = (st.ep.clone(), st.store.clone());
     let link = c.link.clone();
