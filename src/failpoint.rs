@@ -15,6 +15,9 @@ pub const POINTS: &[&str] = &[
     "after-rename",         // renamed into place, not yet journaled as delivered
 ];
 
+/// Points inside crash recovery itself (a crash while recovering from a crash).
+pub const RECOVERY_POINTS: &[&str] = &["recovery-between-reset-and-temp-removal"];
+
 pub fn crash_point(name: &str) {
     static AT: OnceLock<Option<String>> = OnceLock::new();
     if AT

@@ -390,6 +390,39 @@ fn a_crash_at_any_commit_point_loses_and_doubles_nothing() {
     }
 }
 
+/// A crash while recovering from a crash (between resetting an interrupted delivery and
+/// removing its temp file) still loses and doubles nothing.
+#[test]
+fn a_crash_during_recovery_loses_and_doubles_nothing() {
+    for point in kkm_bridge::failpoint::RECOVERY_POINTS {
+        let s = Site::new("", "");
+        for n in 1..=2 {
+            s.put(&s.office(), &format!("POS1.spr.${n}"), &spr(1, n));
+        }
+        let o = s
+            .cmd(&["sync"])
+            .env("KKM_BRIDGE_CRASH_AT", "after-delivering")
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), None, "first crash");
+        let o = s
+            .cmd(&["sync"])
+            .env("KKM_BRIDGE_CRASH_AT", point)
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(&format!("crash point {point} reached")),
+            "{point}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        s.sync_ok();
+        let shop = files(&s.shop());
+        assert_eq!(shop.len(), 2, "{point}: {:?}", shop.keys());
+        assert_eq!(shop["POS1.spr.$1"], spr(1, 1));
+        assert_eq!(shop["POS1.spr.$2"], spr(1, 2));
+    }
+}
+
 /// Real SIGKILLs at random moments while many packages move; then a clean run.
 #[cfg(unix)]
 #[test]

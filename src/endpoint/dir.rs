@@ -155,9 +155,11 @@ impl DirEndpoint {
         for d in store.delivering(&self.name)? {
             let tmp = self.path(&d.sink_tmp);
             if tmp.exists() {
-                // The rename never happened: start this delivery again.
-                let _ = fs::remove_file(&tmp);
+                // The rename never happened: start this delivery again. The journal is
+                // reset first: once the temp is gone, "delivering" would read as done.
                 store.reset_to_taken(d.package.id)?;
+                crash_point("recovery-between-reset-and-temp-removal");
+                let _ = fs::remove_file(&tmp);
                 tracing::info!(endpoint = %self.name, package = d.package.id, "delivery interrupted before the rename; it will be written again");
             } else {
                 // The rename happened (the till may have consumed the file since).
@@ -461,8 +463,9 @@ impl DirEndpoint {
         crash_point("after-delivering");
         let dest = self.path(&final_name);
         if let Err(e) = fs::rename(&tmp, &dest) {
-            let _ = fs::remove_file(&tmp);
+            // Journal first, then the temp (see recover()).
             store.reset_to_taken(pkg.id)?;
+            let _ = fs::remove_file(&tmp);
             return Err(e)
                 .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()));
         }

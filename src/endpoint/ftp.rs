@@ -796,8 +796,11 @@ impl FtpEndpoint {
         for d in delivering {
             match s.size(&d.sink_tmp).await? {
                 Some(_) => {
-                    s.dele(&d.sink_tmp).await?;
+                    // Journal first, then the temp (see deliver_one).
                     store.reset_to_taken(d.package.id)?;
+                    if s.dele(&d.sink_tmp).await.is_err() {
+                        lock(&self.orphans).push(d.sink_tmp.clone());
+                    }
                     tracing::info!(endpoint = %self.name, package = d.package.id, "delivery interrupted before the rename; it will be written again");
                 }
                 None => {
@@ -1164,12 +1167,13 @@ impl FtpEndpoint {
                 // Whether the rename happened is unknown: recover() decides by the temp.
                 return Err(e);
             }
-            // Refused (e.g. 553): leave nothing behind, retry next pass.
-            match s.dele(&tmp).await {
-                Ok(_) => store.reset_to_taken(pkg.id)?,
-                Err(e2) => {
-                    tracing::warn!(endpoint = %self.name, file = %tmp, "cannot delete the temp file after a refused rename: {e2}");
-                }
+            // Refused (e.g. 553): retry next pass, leave nothing behind. The journal is
+            // reset before the temp goes: once the temp is gone, "delivering" would read
+            // as done after a crash.
+            store.reset_to_taken(pkg.id)?;
+            if let Err(e2) = s.dele(&tmp).await {
+                tracing::warn!(endpoint = %self.name, file = %tmp, "cannot delete the temp file after a refused rename (removed on a later pass): {e2}");
+                lock(&self.orphans).push(tmp.clone());
             }
             return Err(e);
         }
