@@ -555,10 +555,9 @@ pub async fn open(
             .into_secure(AsyncRustlsConnector::from(tls.clone()), &t.host)
             .await
             .map_err(|e| match e {
-                FtpError::SecureError(why) => anyhow::anyhow!(
-                    "TLS handshake failed: {why} (tls = \"explicit\"; if the server uses a \
-                     self-signed certificate, set tls_ca to it)"
-                ),
+                FtpError::SecureError(why) => {
+                    anyhow::anyhow!("TLS handshake failed: {why} ({})", tls_hint(&why, &t.host))
+                }
                 FtpError::UnexpectedResponse(r) => anyhow::anyhow!(
                     "AUTH TLS / PBSZ / PROT refused: {} (does the server offer explicit FTPS?)",
                     String::from_utf8_lossy(&r.body).trim()
@@ -582,6 +581,24 @@ pub async fn open(
             .with_context(|| format!("CWD {}", t.dir))?;
     }
     Ok(ftp)
+}
+
+/// What to do about a failed handshake, in words (rustls names the reason in its error).
+fn tls_hint(why: &str, host: &str) -> String {
+    if why.contains("UnknownIssuer") || why.contains("CaUsedAsEndEntity") {
+        "the server's certificate is not trusted: set tls_ca to the server's own \
+         (self-signed) certificate or to the CA that signed it"
+            .into()
+    } else if why.contains("NotValidForName") {
+        format!(
+            "the certificate is not made for {host:?}: set tls_ca to this very certificate \
+             (trusted for any name) or use the name it was made for in url"
+        )
+    } else if why.contains("Expired") {
+        "the server's certificate has expired (or this machine's clock is wrong)".into()
+    } else {
+        "tls = \"explicit\"; see tls_ca and tls_insecure".into()
+    }
 }
 
 /// What one file parsed as.
