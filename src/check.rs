@@ -3,9 +3,13 @@
 //! One line per endpoint, `ok` or `FAIL`, never a password. What is tried:
 //! - `dir`: create a temp file (the bridge's own temp name, which no reader matches) in the
 //!   directory and delete it; a missing directory is fine when it can be created.
-//! - `http`: bind the listen address and release it at once (fails while `run` serves it).
+//! - `http`: bind the listen address and release it at once (fails while `run` serves it);
+//!   with `tls_cert`/`tls_key`, also load the certificate and key.
 //! - `ftp`: a plain FTP dialogue over TCP: the 220 greeting, USER/PASS, TYPE I, CWD to the
 //!   URL's path, PASV and NLST (the listing the bridge polls), QUIT. Nothing is written.
+//!   With `tls = "explicit"` the bridge's own FTPS client does the same: AUTH TLS (the
+//!   certificate checked as `run` checks it), PBSZ/PROT P, login, TYPE I, CWD, NLST over
+//!   the protected data connection.
 //! - `http-client`: TCP connect, then `HEAD` of the configured URL itself (never a
 //!   ReceiveData/SendData path: a GET of `{url}/{pos}/{n}` could acknowledge a package at
 //!   the back office). Any HTTP answer counts as reachable except 401/403 (login refused).
@@ -58,7 +62,22 @@ pub async fn check_endpoint(name: &str, ep: &EndpointConfig) -> CheckLine {
             format!("dir {}", d.path.display()),
             check_dir(&d.path).await,
         ),
-        EndpointConfig::Http(h) => (format!("http {}", h.listen), check_listen(h.listen).await),
+        EndpointConfig::Http(h) => (
+            format!(
+                "{} {}",
+                if h.tls_cert.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                h.listen
+            ),
+            check_http(h).await,
+        ),
+        EndpointConfig::Ftp(f) if f.tls == "explicit" => match FtpUrl::parse(&f.url) {
+            Ok(u) => (format!("ftps {}:{}", u.host, u.port), check_ftps(f).await),
+            Err(e) => ("ftps".into(), Err(e)),
+        },
         EndpointConfig::Ftp(f) => match FtpUrl::parse(&f.url) {
             Ok(u) => (format!("ftp {}:{}", u.host, u.port), check_ftp(f, &u).await),
             Err(e) => ("ftp".into(), Err(e)),
@@ -118,6 +137,47 @@ async fn check_dir(path: &Path) -> Result<String, String> {
     })
     .await
     .unwrap_or_else(|e| Err(e.to_string()))
+}
+
+async fn check_http(h: &crate::config::HttpConfig) -> Result<String, String> {
+    let free = check_listen(h.listen).await?;
+    match (&h.tls_cert, &h.tls_key) {
+        (Some(cert), Some(key)) => {
+            crate::tls::server_config(cert, key)?;
+            Ok(format!("{free}; TLS certificate and key load"))
+        }
+        _ => Ok(free),
+    }
+}
+
+/// FTPS with the endpoint's own client: the same handshake and trust as `run`.
+async fn check_ftps(cfg: &FtpConfig) -> Result<String, String> {
+    use crate::endpoint::ftp;
+    let target = ftp::Target::parse(&cfg.url, cfg.secret.as_ref().map(|s| s.expose()))?;
+    let tls = ftp::tls_connector(cfg)?;
+    let limit = cfg.timeout.min(Duration::from_secs(30));
+    let work = async {
+        let mut f = ftp::open(&target, cfg, tls.as_ref())
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let entries = f
+            .nlst(None)
+            .await
+            .map_err(|e| format!("TLS handshake and login ok, but the listing failed: {e}"))?
+            .len();
+        let _ = f.quit().await;
+        Ok::<_, String>(entries)
+    };
+    let entries = timeout(limit * 4, work)
+        .await
+        .map_err(|_| format!("no answer within {}s", (limit * 4).as_secs()))??;
+    Ok(format!(
+        "TLS handshake ok{}, login as {} ok, binary mode, {entries} entr{} listed in /{} (protected data connection)",
+        if cfg.tls_insecure { " (certificate NOT checked: tls_insecure)" } else { "" },
+        target.user,
+        if entries == 1 { "y" } else { "ies" },
+        target.dir
+    ))
 }
 
 async fn check_listen(addr: std::net::SocketAddr) -> Result<String, String> {

@@ -186,6 +186,12 @@ pub struct HttpConfig {
     pub body_timeout: Duration,
     #[serde(default)]
     pub user: Vec<UserConfig>,
+    /// HTTPS: the server's certificate chain (PEM). Set together with `tls_key`.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// HTTPS: the private key of `tls_cert` (PEM).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 fn default_prefix() -> String {
@@ -275,6 +281,13 @@ pub struct FtpConfig {
     pub passive: bool,
     #[serde(default = "default_tls")]
     pub tls: String,
+    /// FTPS: an extra trusted certificate (PEM): the server's own self-signed one, or the
+    /// CA that signed it. The built-in webpki roots are trusted too.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// FTPS: accept any server certificate. A last resort; warned about at start.
+    #[serde(default)]
+    pub tls_insecure: bool,
     #[serde(default = "default_connections")]
     pub connections: u32,
     #[serde(default = "default_timeout", deserialize_with = "de_duration")]
@@ -609,6 +622,24 @@ impl Config {
                             format!("{:?} must start with '/' and not end with '/'", h.prefix),
                         ));
                     }
+                    match (&h.tls_cert, &h.tls_key) {
+                        (Some(_), None) => return Err(err(
+                            format!("{key}.tls_key"),
+                            "tls_cert is set: set tls_key too (the certificate's private key, PEM)"
+                                .into(),
+                        )),
+                        (None, Some(_)) => {
+                            return Err(err(
+                                format!("{key}.tls_cert"),
+                                "tls_key is set: set tls_cert too (the certificate, PEM)".into(),
+                            ))
+                        }
+                        (Some(c), Some(k)) => {
+                            check_readable(c).map_err(|r| err(format!("{key}.tls_cert"), r))?;
+                            check_readable(k).map_err(|r| err(format!("{key}.tls_key"), r))?;
+                        }
+                        (None, None) => {}
+                    }
                     if h.auth == AuthMode::Basic && h.user.is_empty() {
                         return Err(err(
                             format!("{key}.user"),
@@ -652,6 +683,36 @@ impl Config {
                         return Err(err(
                             format!("{key}.tls"),
                             format!("{:?}: use \"none\" or \"explicit\"", f.tls),
+                        ));
+                    }
+                    if f.tls == "none" {
+                        if f.tls_ca.is_some() {
+                            return Err(err(
+                                format!("{key}.tls_ca"),
+                                "only with tls = \"explicit\"".into(),
+                            ));
+                        }
+                        if f.tls_insecure {
+                            return Err(err(
+                                format!("{key}.tls_insecure"),
+                                "only with tls = \"explicit\"".into(),
+                            ));
+                        }
+                    }
+                    if let Some(ca) = &f.tls_ca {
+                        if f.tls_insecure {
+                            return Err(err(
+                                format!("{key}.tls_insecure"),
+                                "set either tls_ca or tls_insecure, not both".into(),
+                            ));
+                        }
+                        check_readable(ca).map_err(|r| err(format!("{key}.tls_ca"), r))?;
+                    }
+                    if f.tls_insecure {
+                        warnings.push(format!(
+                            "{file}: {key}.tls_insecure = true: the FTP server's certificate is \
+                             not checked, so whoever answers at that address gets the password \
+                             and the packages; prefer tls_ca with the server's certificate"
                         ));
                     }
                     f.secret = resolve_secret(&f.password, &f.password_env)
@@ -787,6 +848,13 @@ impl Config {
             warnings,
         })
     }
+}
+
+/// A file the config names must be readable now (its content is checked where it is used).
+fn check_readable(path: &Path) -> Result<(), String> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

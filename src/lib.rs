@@ -14,6 +14,7 @@
 //! - [`cli`]: the subcommands and their exit codes.
 //! - [`sim`]: a back office and a till simulator, for trying the bridge and for tests.
 //! - [`failpoint`]: crash points the crash tests use.
+//! - [`tls`]: rustls configs for FTPS (client) and HTTPS (server).
 
 pub mod check;
 pub mod cli;
@@ -26,4 +27,5 @@ pub mod pump;
 pub mod sim;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod watch;

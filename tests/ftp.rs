@@ -55,6 +55,16 @@ impl InProc {
     }
 
     fn start_with(root: &Path, port: u16, faults: Arc<Faults>) -> InProc {
+        InProc::start_full(root, port, faults, None)
+    }
+
+    /// `tls`: (certificate, key) PEM files: FTPS required on control and data connections.
+    fn start_full(
+        root: &Path,
+        port: u16,
+        faults: Arc<Faults>,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> InProc {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
         let r = root.to_path_buf();
@@ -65,14 +75,16 @@ impl InProc {
                 .build()
                 .unwrap();
             rt.spawn(async move {
-                let server = libunftp::ServerBuilder::new(Box::new(move || FaultyFs {
+                let mut builder = libunftp::ServerBuilder::new(Box::new(move || FaultyFs {
                     inner: unftp_sbe_fs::Filesystem::new(r.clone()).unwrap(),
                     faults: faults.clone(),
                 }))
                 .greeting("kkm-bridge test server")
-                .passive_ports(50000..=65000)
-                .build()
-                .unwrap();
+                .passive_ports(50000..=65000);
+                if let Some((cert, key)) = tls {
+                    builder = builder.ftps(cert, key).ftps_required(true, true);
+                }
+                let server = builder.build().unwrap();
                 server.listen(format!("127.0.0.1:{port}")).await.unwrap();
             });
             // Wait until the port answers.
@@ -757,22 +769,219 @@ async fn refused_and_421_keep_packages_queued_and_other_links_moving() {
     assert_eq!(counts.queued, 2);
 }
 
-#[test]
-fn explicit_tls_is_refused_clearly() {
-    let text = format!(
-        "state_dir = \"s\"\n{}{}{}",
-        ftp_endpoint(
-            "f",
-            "ftp://u@127.0.0.1/",
-            "tls = \"explicit\"\npassword = \"x\""
-        ),
-        "[endpoint.d]\ntype = \"dir\"\npath = \"d\"\n",
-        link("f", "d", "1")
+// ------------------------------------------------------------------ FTPS
+
+/// A self-signed certificate for 127.0.0.1 and localhost: (certificate, key) PEM files.
+fn self_signed(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".into(), "localhost".into()]).unwrap();
+    let (c, k) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
     );
-    let config = Arc::new(Config::parse(&text, Path::new("t.toml")).unwrap());
-    let store = Arc::new(Store::open(tempfile::tempdir().unwrap().path()).unwrap());
+    std::fs::write(&c, ck.cert.pem()).unwrap();
+    std::fs::write(&k, ck.signing_key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+/// Collects the log lines of the current thread (the tests run on a current-thread
+/// runtime, so the bridge's passes log here).
+#[derive(Clone, Default)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuf {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+fn pump_at(state: &Path, toml: &str) -> Pump {
+    let text = format!("state_dir = {:?}\n{toml}", state.join("state"));
+    let config = Arc::new(Config::parse(&text, Path::new("test.toml")).unwrap());
+    let store = Arc::new(Store::open(&config.state_dir).unwrap());
+    Pump::new(config, store).unwrap()
+}
+
+/// FTPS (AUTH TLS, PROT P; the server refuses anything plain): with an untrusted
+/// certificate nothing moves, the log names the endpoint and says why, `check` fails the
+/// same way, and the package stays queued; with `tls_ca` = the server's self-signed
+/// certificate, reports and references flow both ways, bytes unchanged.
+#[tokio::test]
+async fn ftps_with_tls_ca_moves_packages_and_an_untrusted_certificate_loses_nothing() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(certs.path(), "server");
+    let (other, _) = self_signed(certs.path(), "other");
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("Files")).unwrap();
+    let port = free_port();
+    let _server = InProc::start_full(
+        root.path(),
+        port,
+        Arc::new(Faults::default()),
+        Some((cert.clone(), key)),
+    );
+    let files = root.path().join("Files");
+    let office = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let url = format!("ftp://kassa@127.0.0.1:{port}/Files");
+    let toml = |ca: &Path| {
+        format!(
+            "{}{}{}",
+            dir_endpoint("office", office.path(), ""),
+            ftp_endpoint(
+                "shopftp",
+                &url,
+                &format!("password = \"s3cret-pw\"\ntls = \"explicit\"\ntls_ca = {ca:?}")
+            ),
+            link("office", "shopftp", "1-9")
+        )
+    };
+    let spr = fixture("POS1.spr.cp1251");
+    std::fs::write(office.path().join("POS1.spr.$1"), &spr).unwrap();
+
+    // Untrusted: the other certificate.
+    let logs = LogBuf::default();
+    let sub = tracing_subscriber::fmt()
+        .with_writer({
+            let l = logs.clone();
+            move || l.clone()
+        })
+        .with_ansi(false)
+        .finish();
+    let guard = tracing::subscriber::set_default(sub);
+    {
+        let pump = pump_at(state.path(), &toml(&other));
+        let r = pump.pass(false).await;
+        assert_eq!((r.taken, r.delivered, r.queued), (1, 0, 1), "{r:?}");
+        assert!(r.errors.iter().any(|e| e.contains("shopftp")), "{r:?}");
+        assert_eq!(pump.store.counts(None).unwrap().queued, 1);
+        let line =
+            kkm_bridge::check::check_endpoint("shopftp", &pump.config.endpoints["shopftp"]).await;
+        assert!(!line.ok, "{line}");
+        let shown = line.to_string();
+        assert!(shown.contains("TLS handshake failed"), "{shown}");
+        assert!(shown.contains("certificate"), "{shown}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+    }
+    drop(guard);
+    let log = logs.text();
+    assert!(
+        log.contains("ftp shopftp: unreachable") && log.contains("TLS handshake failed"),
+        "{log}"
+    );
+    assert!(log.contains("certificate"), "{log}");
+    assert!(!log.contains("s3cret-pw"), "{log}");
+    assert!(dir_names(&files).is_empty());
+
+    // Trusted: the server's own certificate as tls_ca. The queued package goes, and a
+    // report comes back.
+    std::fs::write(files.join("POS1.rep.$1"), b"report over FTPS\r\n").unwrap();
+    let pump = pump_at(state.path(), &toml(&cert));
+    let line =
+        kkm_bridge::check::check_endpoint("shopftp", &pump.config.endpoints["shopftp"]).await;
+    assert!(line.ok, "{line}");
+    assert!(line.detail.contains("TLS handshake ok"), "{line}");
+    let mut moved = (0, 0);
+    for _ in 0..10 {
+        let r = pump.pass(false).await;
+        moved.0 += r.taken;
+        moved.1 += r.delivered;
+        if moved == (1, 2) && r.all_moved() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    // Taken: the report; delivered: the queued spr and the report.
+    assert_eq!(moved, (1, 2));
+    assert_eq!(dir_names(&files), ["POS1.spr.$1"]);
+    assert_eq!(std::fs::read(files.join("POS1.spr.$1")).unwrap(), spr);
+    assert_eq!(
+        std::fs::read(office.path().join("POS1.rep.$1")).unwrap(),
+        b"report over FTPS\r\n"
+    );
+    assert_eq!(pump.store.counts(None).unwrap().queued, 0);
+}
+
+/// `tls_insecure = true` connects to a server whose certificate nobody trusts, and the
+/// config warns about it.
+#[tokio::test]
+async fn ftps_tls_insecure_accepts_any_certificate_with_a_warning() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(certs.path(), "server");
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("Files")).unwrap();
+    let port = free_port();
+    let _server = InProc::start_full(
+        root.path(),
+        port,
+        Arc::new(Faults::default()),
+        Some((cert, key)),
+    );
+    let office = tempfile::tempdir().unwrap();
+    std::fs::write(office.path().join("POS2.spr.$1"), b"##@@&&\r\n#\r\n").unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let pump = pump_at(
+        state.path(),
+        &format!(
+            "{}{}{}",
+            dir_endpoint("office", office.path(), ""),
+            ftp_endpoint(
+                "shopftp",
+                &format!("ftp://kassa:any@127.0.0.1:{port}/Files"),
+                "tls = \"explicit\"\ntls_insecure = true"
+            ),
+            link("office", "shopftp", "2")
+        ),
+    );
+    assert!(
+        pump.config
+            .warnings
+            .iter()
+            .any(|w| w.contains("tls_insecure")),
+        "{:?}",
+        pump.config.warnings
+    );
+    let r = pump.pass(false).await;
+    assert_eq!((r.taken, r.delivered), (1, 1), "{r:?}");
+    assert_eq!(dir_names(&root.path().join("Files")), ["POS2.spr.$1"]);
+}
+
+#[test]
+fn ftps_config_keys_are_checked() {
+    let base = |extra: &str| {
+        format!(
+            "state_dir = \"s\"\n{}{}{}",
+            ftp_endpoint("f", "ftp://u:p@127.0.0.1/", extra),
+            "[endpoint.d]\ntype = \"dir\"\npath = \"d\"\n",
+            link("f", "d", "1")
+        )
+    };
+    let parse = |extra: &str| Config::parse(&base(extra), Path::new("t.toml"));
+    let e = parse("tls_ca = \"ca.pem\"").unwrap_err();
+    assert_eq!(e.key, "endpoint.f.tls_ca");
+    let e = parse("tls = \"explicit\"\ntls_ca = \"/nonexistent/ca.pem\"").unwrap_err();
+    assert_eq!(e.key, "endpoint.f.tls_ca");
+    assert!(e.reason.contains("/nonexistent/ca.pem"), "{e}");
+    let e = parse("tls = \"implicit\"").unwrap_err();
+    assert_eq!(e.key, "endpoint.f.tls");
+    // A file that is not PEM: refused when the endpoint is built, naming it.
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let config = Arc::new(parse(&format!("tls = \"explicit\"\ntls_ca = {junk:?}")).unwrap());
+    let store = Arc::new(Store::open(dir.path()).unwrap());
     let err = Pump::new(config, store).err().unwrap().to_string();
-    assert!(err.contains("not supported"), "{err}");
+    assert!(err.contains("\"f\"") && err.contains("junk.pem"), "{err}");
 }
 
 #[test]

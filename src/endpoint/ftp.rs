@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use suppaftp::tokio::AsyncFtpStream;
+use suppaftp::tokio::AsyncRustlsConnector;
 use suppaftp::types::FileType;
 use suppaftp::FtpError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,6 +35,9 @@ use super::{new_uid, DeliverReport, Role, Routes, TakeReport, WarnOnce};
 use crate::config::FtpConfig;
 use crate::package::{is_temp_name, spr_marked_loaded, temp_name, Kind, NamePattern, Package};
 use crate::store::{Store, Taken};
+
+/// The control connection: plain, or after `AUTH TLS` with protected data connections.
+pub type AsyncFtpStream = suppaftp::tokio::AsyncRustlsFtpStream;
 
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -292,6 +295,9 @@ pub struct FtpEndpoint {
     orphans: Mutex<Vec<String>>,
     /// Whether the server understands `LIST -a` (shows dot files on vsftpd).
     list_a: AtomicBool,
+    /// `tls = "explicit"`: the TLS client (one config, so sessions resume on the data
+    /// connections, as vsftpd's `require_ssl_reuse` wants).
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 /// One checked-out connection slot. The connection goes back to the pool on drop unless
@@ -516,6 +522,85 @@ impl Session<'_> {
     }
 }
 
+/// The TLS client of an endpoint with `tls = "explicit"`, None for plain FTP.
+pub fn tls_connector(config: &FtpConfig) -> Result<Option<tokio_rustls::TlsConnector>, String> {
+    if config.tls != "explicit" {
+        return Ok(None);
+    }
+    let c = crate::tls::client_config(config.tls_ca.as_deref(), config.tls_insecure)
+        .map_err(|e| format!("tls_ca: {e}"))?;
+    Ok(Some(tokio_rustls::TlsConnector::from(c)))
+}
+
+/// Connects, secures the connection when `tls` is given (`AUTH TLS`, then `PBSZ 0` and
+/// `PROT P`: data connections are encrypted too), logs in, sets binary type and enters the
+/// directory.
+pub async fn open(
+    t: &Target,
+    config: &FtpConfig,
+    tls: Option<&tokio_rustls::TlsConnector>,
+) -> anyhow::Result<AsyncFtpStream> {
+    use anyhow::Context as _;
+    let addr = tokio::net::lookup_host((t.host.as_str(), t.port))
+        .await
+        .with_context(|| format!("cannot resolve {}", t.host))?
+        .next()
+        .with_context(|| format!("{} has no address", t.host))?;
+    let mut ftp = AsyncFtpStream::connect_timeout(addr, config.timeout)
+        .await
+        .context("connect")?;
+    if let Some(tls) = tls {
+        crate::tls::server_name(&t.host).map_err(anyhow::Error::msg)?;
+        ftp = ftp
+            .into_secure(AsyncRustlsConnector::from(tls.clone()), &t.host)
+            .await
+            .map_err(|e| match e {
+                FtpError::SecureError(why) => {
+                    anyhow::anyhow!("TLS handshake failed: {why} ({})", tls_hint(&why, &t.host))
+                }
+                FtpError::UnexpectedResponse(r) => anyhow::anyhow!(
+                    "AUTH TLS / PBSZ / PROT refused: {} (does the server offer explicit FTPS?)",
+                    String::from_utf8_lossy(&r.body).trim()
+                ),
+                e => anyhow::Error::new(e).context("AUTH TLS"),
+            })?;
+    }
+    if !config.passive {
+        ftp = ftp.active_mode(config.timeout);
+    }
+    ftp.login(t.user.as_str(), t.password.as_str())
+        .await
+        .with_context(|| format!("login as {}", t.user))?;
+    // Binary after every login: ASCII mode would turn LF into CRLF (bytes are sacred).
+    ftp.transfer_type(FileType::Binary)
+        .await
+        .context("TYPE I")?;
+    if !t.dir.is_empty() {
+        ftp.cwd(t.dir.as_str())
+            .await
+            .with_context(|| format!("CWD {}", t.dir))?;
+    }
+    Ok(ftp)
+}
+
+/// What to do about a failed handshake, in words (rustls names the reason in its error).
+fn tls_hint(why: &str, host: &str) -> String {
+    if why.contains("UnknownIssuer") || why.contains("CaUsedAsEndEntity") {
+        "the server's certificate is not trusted: set tls_ca to the server's own \
+         (self-signed) certificate or to the CA that signed it"
+            .into()
+    } else if why.contains("NotValidForName") {
+        format!(
+            "the certificate is not made for {host:?}: set tls_ca to this very certificate \
+             (trusted for any name) or use the name it was made for in url"
+        )
+    } else if why.contains("Expired") {
+        "the server's certificate has expired (or this machine's clock is wrong)".into()
+    } else {
+        "tls = \"explicit\"; see tls_ca and tls_insecure".into()
+    }
+}
+
 /// What one file parsed as.
 #[derive(Debug, Clone)]
 struct Candidate {
@@ -527,11 +612,9 @@ struct Candidate {
 
 impl FtpEndpoint {
     pub fn new(name: &str, config: FtpConfig, routes: Routes) -> anyhow::Result<FtpEndpoint> {
-        if config.tls != "none" {
-            anyhow::bail!(
-                "endpoint {name:?}: tls = {:?} (FTPS) is not supported by this build yet; use tls = \"none\"",
-                config.tls
-            );
+        let tls = tls_connector(&config).map_err(|e| anyhow::anyhow!("endpoint {name:?}: {e}"))?;
+        if config.tls_insecure {
+            tracing::warn!(endpoint = %name, "tls_insecure = true: the certificate of the FTP server is not checked");
         }
         let target = Target::parse(&config.url, config.secret.as_ref().map(|s| s.expose()))
             .map_err(|e| anyhow::anyhow!("endpoint {name:?}: url: {e}"))?;
@@ -557,6 +640,7 @@ impl FtpEndpoint {
             seen: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Vec::new()),
             list_a: AtomicBool::new(true),
+            tls,
             config,
         })
     }
@@ -692,32 +776,7 @@ impl FtpEndpoint {
     }
 
     async fn login(&self) -> anyhow::Result<AsyncFtpStream> {
-        use anyhow::Context as _;
-        let t = &self.target;
-        let addr = tokio::net::lookup_host((t.host.as_str(), t.port))
-            .await
-            .with_context(|| format!("cannot resolve {}", t.host))?
-            .next()
-            .with_context(|| format!("{} has no address", t.host))?;
-        let mut ftp = AsyncFtpStream::connect_timeout(addr, self.config.timeout)
-            .await
-            .context("connect")?;
-        if !self.config.passive {
-            ftp = ftp.active_mode(self.config.timeout);
-        }
-        ftp.login(t.user.as_str(), t.password.as_str())
-            .await
-            .with_context(|| format!("login as {}", t.user))?;
-        // Binary after every login: ASCII mode would turn LF into CRLF (bytes are sacred).
-        ftp.transfer_type(FileType::Binary)
-            .await
-            .context("TYPE I")?;
-        if !t.dir.is_empty() {
-            ftp.cwd(t.dir.as_str())
-                .await
-                .with_context(|| format!("CWD {}", t.dir))?;
-        }
-        Ok(ftp)
+        open(&self.target, &self.config, self.tls.as_ref()).await
     }
 
     /// Logs a failure: connection-level ones through the reachability state (once per

@@ -57,6 +57,8 @@ pub struct HttpServerEndpoint {
     serving: Mutex<()>,
     /// The daemon's live view (last contact, request latency), when running under `run`.
     pub live: std::sync::OnceLock<Arc<crate::status::Live>>,
+    /// `tls_cert` + `tls_key`: serve HTTPS.
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 /// What a till gets from ReceiveData.
@@ -150,14 +152,27 @@ struct Checked {
 }
 
 impl HttpServerEndpoint {
-    pub fn new(name: &str, config: HttpConfig, routes: Routes) -> HttpServerEndpoint {
-        HttpServerEndpoint {
+    /// Fails (naming the endpoint and the file) when `tls_cert`/`tls_key` do not load.
+    pub fn new(
+        name: &str,
+        config: HttpConfig,
+        routes: Routes,
+    ) -> anyhow::Result<HttpServerEndpoint> {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                crate::tls::server_config(cert, key)
+                    .map_err(|e| anyhow::anyhow!("endpoint {name:?}: tls_cert/tls_key: {e}"))?,
+            ),
+            _ => None,
+        };
+        Ok(HttpServerEndpoint {
             name: name.to_string(),
             config,
             routes,
             serving: Mutex::new(()),
             live: std::sync::OnceLock::new(),
-        }
+            tls,
+        })
     }
 
     /// HTTP Basic: the user whose login and password match, or why not.
@@ -430,7 +445,13 @@ impl HttpServerEndpoint {
         }
     }
 
-    /// Serves on `listener` until `shutdown` completes; requests in flight finish first.
+    /// Whether this endpoint serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Serves on `listener` (HTTPS when `tls_cert` is set) until `shutdown` completes;
+    /// requests in flight finish first.
     pub async fn serve(
         self: Arc<Self>,
         listener: tokio::net::TcpListener,
@@ -439,11 +460,23 @@ impl HttpServerEndpoint {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let addr = listener.local_addr()?;
-        tracing::info!(endpoint = %self.name, %addr, prefix = %self.config.prefix, "serving KKMTransfer to tills");
         let app = self.router(store, on_report);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
+        match &self.tls {
+            None => {
+                tracing::info!(endpoint = %self.name, %addr, prefix = %self.config.prefix, "serving KKMTransfer to tills (HTTP)");
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+            Some(tls) => {
+                tracing::info!(endpoint = %self.name, %addr, prefix = %self.config.prefix, "serving KKMTransfer to tills (HTTPS)");
+                let listener =
+                    crate::tls::TlsListener::new(listener, tls.clone(), self.name.clone())?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            }
+        }
     }
 }
 

@@ -318,7 +318,7 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Endpoint>> {
                 http_client::HttpClientEndpoint::new(name, c.clone(), routes)?,
             )),
             EndpointConfig::Http(c) => Endpoint::Http(Arc::new(
-                http_server::HttpServerEndpoint::new(name, c.clone(), routes),
+                http_server::HttpServerEndpoint::new(name, c.clone(), routes)?,
             )),
             EndpointConfig::Ftp(c) => {
                 Endpoint::Ftp(Arc::new(ftp::FtpEndpoint::new(name, c.clone(), routes)?))
