@@ -9,9 +9,11 @@
 //! disk (a directory `soak-<pid>` of its own under the URL's directory, price lists written
 //! under a dot name and renamed, reports collected from there as `POS{n}.rep.$k`). The FTP
 //! root on disk is read from scripts/ftp-server's state (`KKM_FTP_STATE_DIR`, default
-//! /tmp/kkm-ftp-state); `KKM_SOAK_FTP_DIR` names the URL's directory on disk instead. An HTTP till may get the same package twice under the same
-//! number (a crash between serving and the ack): that is not "applied twice"; a double is
-//! the same content applied under two numbers or two file names.
+//! /tmp/kkm-ftp-state); `KKM_SOAK_FTP_DIR` names the URL's directory on disk instead.
+//!
+//! An HTTP till may get the same package twice under the same number (a crash between
+//! serving and the ack): that is not "applied twice"; a double is the same content applied
+//! under two numbers or two file names. Counts are printed per leg and in total.
 //!
 //! Usage: soak --bin PATH [--kills N] [--quick] [--per-till N]
 
