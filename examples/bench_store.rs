@@ -64,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n as f64;
     println!("store: {n} packages of {size} bytes, durable commits");
     println!(
-        "  spool file + journal row (ours): {:8.3} ms/package",
+        "  ours (inline ≤ 64 KiB, else file): {:8.3} ms/package",
         per(ours)
     );
     println!(

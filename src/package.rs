@@ -96,8 +96,8 @@ impl fmt::Display for Direction {
 }
 
 /// One package in the durable store: one back-office document or one till upload.
-/// The payload stays in the spool file; read it with [`Package::read_bytes`] or stream it
-/// with [`Package::open`].
+/// The payload stays in the store (inline in the journal row, or a spool file); read it
+/// with `Store::payload` / `Store::payload_bytes`.
 #[derive(Debug, Clone)]
 pub struct Package {
     /// Journal id; the order of ids is the order packages were taken from their source.
@@ -111,17 +111,13 @@ pub struct Package {
     pub uid: Option<String>,
     pub size: u64,
     pub sha256: String,
-    /// The spool file holding the bytes.
+    /// The spool file holding the bytes (empty when they are inline in the journal).
     pub payload: PathBuf,
+    /// The bytes are in the journal row; read them with `Store::payload`.
+    pub inline: bool,
 }
 
 impl Package {
-    pub fn open(&self) -> std::io::Result<std::fs::File> {
-        std::fs::File::open(&self.payload)
-    }
-    pub fn read_bytes(&self) -> std::io::Result<Vec<u8>> {
-        std::fs::read(&self.payload)
-    }
     /// "till 3, spr package 17 (POS3.spr.$2)" — for error messages and logs.
     pub fn describe(&self) -> String {
         format!(

@@ -1,17 +1,17 @@
-//! The durable store: an SQLite journal (WAL, `synchronous = FULL`) and a spool of payload
-//! files under `state_dir`.
+//! The durable store: an SQLite journal (WAL, `synchronous = FULL`) holding small payloads
+//! inline, and a spool of payload files under `state_dir` for big ones.
 //!
 //! Commit points (ARCHITECTURE.md):
-//! 1. **taken**: the payload is in a spool file (fsync'd, directory fsync'd) and its journal
-//!    row is committed. Only then is the source told (file deleted, DELE, errcode "0").
+//! 1. **taken**: the payload is in its journal row (≤ [`INLINE_MAX`]) or in a spool file
+//!    (fsync'd, directory fsync'd), and its journal row is committed. Only then is the source told (file deleted, DELE, errcode "0").
 //!    `source_done` records that the source was told, so a crash in between is finished on
 //!    the next start instead of taking the file twice.
 //! 2. **delivering**: the sink's temp name and final name are committed before the rename,
 //!    so a crash around the rename can be resolved by looking at the temp file.
-//! 3. **delivered**: the sink has it; the spool file is freed.
+//! 3. **delivered**: the sink has it; the payload (inline bytes or spool file) is freed.
 //!
-//! Payloads live in spool files rather than SQLite blobs so that big packages stream and the
-//! journal stays small. One process per `state_dir`: an exclusive lock on `state_dir/lock`.
+//! Small payloads are inline because a new file's fsync (and its directory's) costs ~9× a
+//! WAL append; big ones are files so that they stream and the journal stays small. One process per `state_dir`: an exclusive lock on `state_dir/lock`.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -57,23 +57,43 @@ pub struct Taken<'a> {
     pub sink_endpoint: &'a str,
 }
 
-/// A payload written to the spool, fsync'd, not yet in the journal.
+/// Payloads up to this size are kept inline in the journal row: creating and fsyncing a
+/// new file (and its directory) costs ~9× a WAL append for a 1 KiB package (measured by
+/// `examples/bench_store.rs`, README "Where payloads live"). Bigger ones stream to files.
+pub const INLINE_MAX: usize = 64 << 10;
+
+/// A payload ready to be committed: inline bytes, or a spool file already fsync'd.
 #[derive(Debug)]
 pub struct Spooled {
+    /// The spool file name (relative to spool/); empty for an inline payload.
     pub file_name: String,
+    /// The spool file; empty for an inline payload.
     pub path: PathBuf,
+    /// The bytes, when small enough to live in the journal row.
+    pub inline: Option<Vec<u8>>,
     pub sha256: String,
     pub size: u64,
 }
 
-/// Writes a payload into the spool, hashing as it goes.
+/// Where a writer's bytes are: in memory until they outgrow [`INLINE_MAX`], then in a new
+/// spool file.
+enum Sink {
+    Memory(Vec<u8>),
+    File {
+        file: File,
+        path: PathBuf,
+        file_name: String,
+        dir: PathBuf,
+    },
+}
+
+/// Writes a payload, hashing as it goes: small payloads stay in memory (to be committed
+/// inline), big ones spill to a spool file.
 pub struct SpoolWriter {
-    file: File,
-    path: PathBuf,
-    file_name: String,
+    sink: Sink,
+    spool: PathBuf,
     hasher: Sha256,
     size: u64,
-    dir: PathBuf,
     /// Set by [`SpoolWriter::finish`]; a writer dropped before (a failed copy, a full
     /// disk) removes its partial file, so failures do not fill the disk further.
     finished: bool,
@@ -81,43 +101,139 @@ pub struct SpoolWriter {
 
 impl Drop for SpoolWriter {
     fn drop(&mut self) {
-        if !self.finished {
-            let _ = fs::remove_file(&self.path);
+        if let (false, Sink::File { path, .. }) = (self.finished, &self.sink) {
+            let _ = fs::remove_file(path);
         }
     }
 }
 
 impl Write for SpoolWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.file.write(buf)?;
+        if let Sink::Memory(mem) = &mut self.sink {
+            if mem.len() + buf.len() <= INLINE_MAX {
+                mem.extend_from_slice(buf);
+                self.hasher.update(buf);
+                self.size += buf.len() as u64;
+                return Ok(buf.len());
+            }
+            let spilled = std::mem::take(mem);
+            self.sink = new_spool_file(&self.spool)?;
+            if let Sink::File { file, .. } = &mut self.sink {
+                file.write_all(&spilled)?;
+            }
+        }
+        let Sink::File { file, .. } = &mut self.sink else {
+            unreachable!("spilled above")
+        };
+        let n = file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        match &mut self.sink {
+            Sink::Memory(_) => Ok(()),
+            Sink::File { file, .. } => file.flush(),
+        }
     }
 }
 
+/// A new, empty spool file in a random shard directory.
+fn new_spool_file(spool: &Path) -> io::Result<Sink> {
+    use rand::Rng;
+    let r: u64 = rand::thread_rng().gen();
+    let shard = format!("{:02x}", r >> 56);
+    let dir = spool.join(&shard);
+    fs::create_dir_all(&dir)?;
+    let name = format!("{r:016x}.pkg");
+    let path = dir.join(&name);
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    Ok(Sink::File {
+        file,
+        path,
+        file_name: format!("{shard}/{name}"),
+        dir,
+    })
+}
+
 impl SpoolWriter {
-    /// fsyncs the file and its directory.
+    /// Makes the payload durable: a spool file and its directory are fsync'd; an inline
+    /// payload becomes durable with its journal row.
     pub fn finish(mut self) -> io::Result<Spooled> {
-        self.file.sync_all()?;
-        sync_dir(&self.dir)?;
+        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        let size = self.size;
+        let spooled = match &mut self.sink {
+            Sink::Memory(mem) => Spooled {
+                file_name: String::new(),
+                path: PathBuf::new(),
+                inline: Some(std::mem::take(mem)),
+                sha256,
+                size,
+            },
+            Sink::File {
+                file,
+                path,
+                file_name,
+                dir,
+            } => {
+                file.sync_all()?;
+                sync_dir(dir)?;
+                Spooled {
+                    file_name: std::mem::take(file_name),
+                    path: std::mem::take(path),
+                    inline: None,
+                    sha256,
+                    size,
+                }
+            }
+        };
         self.finished = true;
-        Ok(Spooled {
-            file_name: std::mem::take(&mut self.file_name),
-            path: std::mem::take(&mut self.path),
-            sha256: hex::encode(std::mem::take(&mut self.hasher).finalize()),
-            size: self.size,
-        })
+        Ok(spooled)
+    }
+
+    /// The spool file this writer has spilled to, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.sink {
+            Sink::Memory(_) => None,
+            Sink::File { path, .. } => Some(path),
+        }
     }
 }
 
 impl Spooled {
     /// Throws away a payload that will not be committed.
     pub fn discard(self) {
-        let _ = fs::remove_file(&self.path);
+        if self.inline.is_none() {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// A package's bytes, from the journal row or its spool file.
+pub enum Payload {
+    Inline(io::Cursor<Vec<u8>>),
+    File(File),
+}
+
+impl Read for Payload {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Payload::Inline(c) => c.read(buf),
+            Payload::File(f) => f.read(buf),
+        }
+    }
+}
+
+impl Payload {
+    /// For async writers (FTP uploads).
+    pub fn into_async(self) -> std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> {
+        match self {
+            Payload::Inline(c) => Box::pin(c),
+            Payload::File(f) => Box::pin(tokio::fs::File::from_std(f)),
+        }
     }
 }
 
@@ -216,6 +332,8 @@ const MIGRATIONS: &[&str] = &[
         next INTEGER NOT NULL,
         PRIMARY KEY (endpoint, pos, dir)
     );",
+    // 4: small payloads inline in the journal row (see INLINE_MAX).
+    "ALTER TABLE package ADD COLUMN payload BLOB;",
 ];
 
 pub fn now_ms() -> i64 {
@@ -234,8 +352,8 @@ fn insert_taken(
 ) -> rusqlite::Result<i64> {
     c.execute(
         "INSERT INTO package (link, pos, direction, kind, uid, source_endpoint, source_name,
-            source_seq, source_done, sink_endpoint, sha256, size, spool, state, taken_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, 'taken', ?14)",
+            source_seq, source_done, sink_endpoint, sha256, size, spool, payload, state, taken_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'taken', ?15)",
         params![
             t.link,
             t.pos,
@@ -249,7 +367,8 @@ fn insert_taken(
             t.sink_endpoint,
             spooled.sha256,
             spooled.size as i64,
-            spooled.file_name,
+            spooled.inline.is_none().then_some(&spooled.file_name),
+            spooled.inline.as_deref(),
             now_ms(),
         ],
     )?;
@@ -493,39 +612,55 @@ impl Store {
         Ok(())
     }
 
-    /// A new spool file to write a payload into.
+    /// A writer for a new payload (in memory while small, else a new spool file).
     pub fn spool_writer(&self) -> Result<SpoolWriter> {
-        use rand::Rng;
-        let r: u64 = rand::thread_rng().gen();
-        let shard = format!("{:02x}", r >> 56);
-        let dir = self.spool.join(&shard);
-        fs::create_dir_all(&dir).map_err(|e| self.io("cannot create a spool directory", e))?;
-        let name = format!("{r:016x}.pkg");
-        let path = dir.join(&name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| self.io(format!("cannot create {}", path.display()), e))?;
         Ok(SpoolWriter {
-            file,
-            path,
-            file_name: format!("{shard}/{name}"),
+            sink: Sink::Memory(Vec::new()),
+            spool: self.spool.clone(),
             hasher: Sha256::new(),
             size: 0,
-            dir,
             finished: false,
         })
     }
 
-    /// Spools bytes already in memory (small packages, HTTP bodies).
+    /// Spools bytes already in memory (HTTP bodies, back-office packages).
     pub fn spool_bytes(&self, bytes: &[u8]) -> Result<Spooled> {
         let mut w = self.spool_writer()?;
-        let path = w.path.clone();
-        w.write_all(bytes).and_then(|_| w.finish()).map_err(|e| {
-            let _ = fs::remove_file(&path);
-            self.io(format!("cannot write {}", path.display()), e)
-        })
+        w.write_all(bytes)
+            .and_then(|_| w.finish())
+            .map_err(|e| self.io("cannot write a spool file", e))
+    }
+
+    /// Opens a package's bytes (inline in the journal, or its spool file).
+    pub fn payload(&self, pkg: &Package) -> io::Result<Payload> {
+        if pkg.inline {
+            let blob: Option<Vec<u8>> = self
+                .conn()
+                .query_row(
+                    "SELECT payload FROM package WHERE id = ?1",
+                    params![pkg.id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(io::Error::other)?
+                .flatten();
+            let blob = blob.ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("package #{} has no payload in the journal", pkg.id),
+                )
+            })?;
+            Ok(Payload::Inline(io::Cursor::new(blob)))
+        } else {
+            File::open(&pkg.payload).map(Payload::File)
+        }
+    }
+
+    /// A package's bytes in memory (small packages, and the HTTP service until it streams).
+    pub fn payload_bytes(&self, pkg: &Package) -> io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(pkg.size as usize);
+        self.payload(pkg)?.read_to_end(&mut out)?;
+        Ok(out)
     }
 
     /// Commit point 1: the package is in the store. Returns its journal id.
@@ -685,11 +820,12 @@ impl Store {
             size: r.get::<_, i64>(7)? as u64,
             sha256: r.get(8)?,
             payload: spool.map(|s| self.spool.join(s)).unwrap_or_default(),
+            inline: r.get(10)?,
         })
     }
 
     const PACKAGE_COLS: &'static str =
-        "id, link, pos, kind, source_seq, source_name, uid, size, sha256, spool";
+        "id, link, pos, kind, source_seq, source_name, uid, size, sha256, spool, payload IS NOT NULL";
 
     /// Every package of a link and direction not yet delivered, by till, in order.
     pub fn queue(&self, link: &str, direction: Direction) -> Result<Vec<Package>> {
@@ -787,8 +923,8 @@ impl Store {
             .query_map(params![sink_endpoint], |r| {
                 Ok(Delivering {
                     package: self.package_from_row(r)?,
-                    sink_name: r.get(10)?,
-                    sink_tmp: r.get(11)?,
+                    sink_name: r.get(11)?,
+                    sink_tmp: r.get(12)?,
                 })
             })
             .map_err(|e| self.sql(e))?;
@@ -817,7 +953,7 @@ impl Store {
             conn.execute(
                 "UPDATE package SET state = 'delivered', delivered_at = ?2,
                    sink_name = COALESCE(?3, sink_name), sink_seq = COALESCE(?4, sink_seq),
-                   sink_tmp = NULL, spool = NULL
+                   sink_tmp = NULL, spool = NULL, payload = NULL
                  WHERE id = ?1",
                 params![id, now_ms(), sink_name, sink_seq],
             )
@@ -948,7 +1084,7 @@ impl Store {
                 .flatten();
             tx.execute(
                 "UPDATE package SET state = 'delivered', delivered_at = ?2, sink_seq = ?3,
-                   sink_tmp = NULL, spool = NULL
+                   sink_tmp = NULL, spool = NULL, payload = NULL
                  WHERE id = ?1 AND state != 'delivered'",
                 params![acked_id, now_ms(), acked_number],
             )
@@ -1044,17 +1180,24 @@ mod tests {
         assert!(e.to_string().contains("another kkm-bridge process"));
     }
 
+    /// A payload that does not fit inline: it goes to a spool file.
+    fn big(tag: u8) -> Vec<u8> {
+        vec![tag; INLINE_MAX + 1]
+    }
+
     #[test]
     fn taken_then_delivered_frees_the_spool() {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
-        let sp = s.spool_bytes(b"hello").unwrap();
-        assert_eq!(sp.sha256, crate::package::sha256_hex(b"hello"));
+        let sp = s.spool_bytes(&big(b'h')).unwrap();
+        assert_eq!(sp.sha256, crate::package::sha256_hex(&big(b'h')));
         let path = sp.path.clone();
+        assert!(path.exists());
         let id = s.commit_taken(&taken(1, "POS1.spr.$1"), sp).unwrap();
         let q = s.queue("l", Direction::Down).unwrap();
         assert_eq!(q.len(), 1);
-        assert_eq!(q[0].read_bytes().unwrap(), b"hello");
+        assert!(!q[0].inline);
+        assert_eq!(s.payload_bytes(&q[0]).unwrap(), big(b'h'));
         assert_eq!(s.source_pending("office").unwrap().len(), 1);
         s.mark_source_done(id).unwrap();
         assert!(s.source_pending("office").unwrap().is_empty());
@@ -1074,16 +1217,58 @@ mod tests {
     }
 
     #[test]
+    fn small_payloads_live_in_the_journal_and_big_ones_in_files() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let small = vec![7u8; INLINE_MAX];
+        let sp = s.spool_bytes(&small).unwrap();
+        assert!(sp.inline.is_some() && sp.file_name.is_empty());
+        let a = s.commit_taken(&taken(1, "a"), sp).unwrap();
+        // A writer that grows past the limit spills to a file, keeping every byte.
+        let mut w = s.spool_writer().unwrap();
+        w.write_all(&small).unwrap();
+        assert!(w.path().is_none());
+        w.write_all(b"one more").unwrap();
+        assert!(w.path().is_some_and(Path::exists));
+        let sp = w.finish().unwrap();
+        assert!(sp.inline.is_none());
+        let mut want = small.clone();
+        want.extend_from_slice(b"one more");
+        assert_eq!(sp.sha256, crate::package::sha256_hex(&want));
+        let b = s.commit_taken(&taken(1, "b"), sp).unwrap();
+        let pa = s.package(a).unwrap().unwrap();
+        let pb = s.package(b).unwrap().unwrap();
+        assert!(pa.inline && !pb.inline);
+        assert_eq!(s.payload_bytes(&pa).unwrap(), small);
+        assert_eq!(s.payload_bytes(&pb).unwrap(), want);
+        // Delivered: the inline bytes are freed with the row's payload.
+        s.mark_delivered(a, None, None).unwrap();
+        let freed: Option<Vec<u8>> = s
+            .with_conn(|c| {
+                c.query_row("SELECT payload FROM package WHERE id = ?1", [a], |r| {
+                    r.get(0)
+                })
+            })
+            .unwrap();
+        assert_eq!(freed, None);
+        let walk = walkdir::WalkDir::new(d.path().join("spool"))
+            .min_depth(2)
+            .into_iter()
+            .count();
+        assert_eq!(walk, 1, "only the big payload has a spool file");
+    }
+
+    #[test]
     fn a_spool_writer_dropped_before_finish_leaves_no_file() {
         let d = tempfile::tempdir().unwrap();
         let s = Store::open(d.path()).unwrap();
         let mut w = s.spool_writer().unwrap();
-        w.write_all(b"half a package").unwrap();
-        let path = w.path.clone();
+        w.write_all(&big(b'x')).unwrap();
+        let path = w.path().unwrap().to_path_buf();
         assert!(path.exists());
         drop(w); // the copy failed (disk full, source gone)
         assert!(!path.exists(), "the partial spool file is removed at once");
-        let sp = s.spool_bytes(b"whole").unwrap();
+        let sp = s.spool_bytes(&big(b'y')).unwrap();
         assert!(sp.path.exists(), "a finished one stays");
     }
 
@@ -1092,8 +1277,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (orphan, kept) = {
             let s = Store::open(d.path()).unwrap();
-            let orphan = s.spool_bytes(b"orphan").unwrap().path;
-            let sp = s.spool_bytes(b"kept").unwrap();
+            let orphan = s.spool_bytes(&big(b'o')).unwrap().path;
+            let sp = s.spool_bytes(&big(b'k')).unwrap();
             let kept = sp.path.clone();
             s.commit_taken(&taken(1, "a"), sp).unwrap();
             (orphan, kept)

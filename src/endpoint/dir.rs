@@ -455,7 +455,7 @@ impl DirEndpoint {
         };
         let tmp_name = temp_name();
         let tmp = self.path(&tmp_name);
-        if let Err(e) = self.write_temp(pkg, &tmp) {
+        if let Err(e) = self.write_temp(store, pkg, &tmp) {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
@@ -497,10 +497,10 @@ impl DirEndpoint {
         }
     }
 
-    fn write_temp(&self, pkg: &Package, tmp: &Path) -> anyhow::Result<()> {
-        let mut src = pkg
-            .open()
-            .with_context(|| format!("cannot open spool file {}", pkg.payload.display()))?;
+    fn write_temp(&self, store: &Store, pkg: &Package, tmp: &Path) -> anyhow::Result<()> {
+        let mut src = store
+            .payload(pkg)
+            .with_context(|| format!("cannot read the payload of {}", pkg.describe()))?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -513,8 +513,8 @@ impl DirEndpoint {
             .with_context(|| format!("cannot fsync {}", tmp.display()))?;
         anyhow::ensure!(
             copied == pkg.size,
-            "spool file {} has {copied} bytes, the journal says {}",
-            pkg.payload.display(),
+            "the payload of {} has {copied} bytes, the journal says {}",
+            pkg.describe(),
             pkg.size
         );
         Ok(())

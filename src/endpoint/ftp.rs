@@ -446,20 +446,22 @@ impl Session<'_> {
         }
     }
 
-    /// STOR `name` from the package's spool file; checks the final reply.
-    async fn stor(&mut self, name: &str, pkg: &Package) -> Result<u64, FtpFail> {
+    /// STOR `name` from the package's payload; checks the final reply.
+    async fn stor(
+        &mut self,
+        name: &str,
+        pkg: &Package,
+        payload: crate::store::Payload,
+    ) -> Result<u64, FtpFail> {
         let after = self.ep.config.timeout;
-        let mut src = tokio::fs::File::open(&pkg.payload).await.map_err(|e| {
-            anyhow::Error::new(e)
-                .context(format!("cannot open spool file {}", pkg.payload.display()))
-        })?;
+        let mut src = payload.into_async();
         let mut stream = cmd!(self, format!("STOR {name}"), |f| f.put_with_stream(name))?;
         let mut buf = vec![0u8; CHUNK];
         let mut total = 0u64;
         loop {
             let n = src.read(&mut buf).await.map_err(|e| {
                 anyhow::Error::new(e)
-                    .context(format!("cannot read spool file {}", pkg.payload.display()))
+                    .context(format!("cannot read the payload of {}", pkg.describe()))
             });
             let n = match n {
                 Ok(n) => n,
@@ -1192,7 +1194,13 @@ impl FtpEndpoint {
             )));
         }
         let tmp = temp_name();
-        let sent = match s.stor(&tmp, pkg).await {
+        let payload = store.payload(pkg).map_err(|e| {
+            FtpFail::Other(
+                anyhow::Error::new(e)
+                    .context(format!("cannot read the payload of {}", pkg.describe())),
+            )
+        })?;
+        let sent = match s.stor(&tmp, pkg, payload).await {
             Ok(n) => n,
             Err(e) => {
                 // Delete the partial temp now if the connection still works, else later.

@@ -336,11 +336,11 @@ impl HttpClientEndpoint {
         let (s, id, name, pos) = (store.clone(), pkg.id, self.name.clone(), pkg.pos);
         let n =
             tokio::task::spawn_blocking(move || s.begin_numbered_send(id, &name, pos)).await??;
-        let payload = pkg.payload.clone();
+        let (s, p) = (store.clone(), pkg.clone());
         let zip = self.config.report_zip;
         let entry = package::zip_entry_name(pkg.kind, pkg.pos, pkg.id);
         let body = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            let bytes = std::fs::read(&payload)?;
+            let bytes = s.payload_bytes(&p)?;
             Ok(if zip {
                 package::encode_zip_base64(&bytes, &entry)
             } else {
@@ -348,7 +348,7 @@ impl HttpClientEndpoint {
             })
         })
         .await?
-        .with_context(|| format!("cannot read the spool file of {}", pkg.describe()))?;
+        .with_context(|| format!("cannot read the payload of {}", pkg.describe()))?;
         let url = match &pkg.uid {
             Some(uid) => format!("{}/SendData/{}/{}/{}", self.base, pkg.pos, n, uid),
             None => format!("{}/SendData/{}/{}", self.base, pkg.pos, n),

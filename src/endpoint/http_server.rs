@@ -341,10 +341,10 @@ impl HttpServerEndpoint {
         let Some(pkg) = pkg else {
             return receive_error(StatusCode::OK, errcode::NO_DATA, NO_DATA_MESSAGE.into());
         };
-        let bytes = match pkg.read_bytes() {
+        let bytes = match store.payload_bytes(&pkg) {
             Ok(b) => b,
             Err(e) => {
-                tracing::error!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, "cannot read {}: {e}", pkg.payload.display());
+                tracing::error!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, "cannot read the payload of {}: {e}", pkg.describe());
                 return receive_error(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     errcode::ERROR,

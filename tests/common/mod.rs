@@ -149,9 +149,19 @@ impl Bridge {
             .unwrap()
     }
 
-    /// Files in the spool (payloads kept by the store).
+    /// Payloads kept by the store: spool files plus payloads inline in journal rows.
     pub fn spool_files(&self) -> usize {
-        walk_files(&self.root.path().join("state/spool"))
+        let inline: i64 = self
+            .store
+            .with_conn(|c| {
+                c.query_row(
+                    "SELECT COUNT(*) FROM package WHERE payload IS NOT NULL",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        walk_files(&self.root.path().join("state/spool")) + inline as usize
     }
 
     pub async fn get(&self, path: &str) -> Reply {
