@@ -1,0 +1,514 @@
+//! The FTP servers the FTP tests talk to (libunftp in process, with TLS and injected faults;
+//! vsftpd from `KKM_TEST_FTP_URL`), a plain FTP client view of them, and a small in-process
+//! bridge. Shared by tests/ftp.rs and tests/ftp_faults.rs.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kkm_bridge::config::Config;
+use kkm_bridge::endpoint::ftp::parse_list_line;
+use kkm_bridge::pump::{PassReport, Pump};
+use kkm_bridge::store::Store;
+use suppaftp::tokio::AsyncFtpStream;
+use suppaftp::types::FileType;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/fixtures")
+        .join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+// ------------------------------------------------------------------ servers
+
+/// An FTP server the scenarios talk to: its URL for the bridge, and a plain client.
+pub struct Server {
+    /// With the password (for the test client and the bridge config).
+    pub url: String,
+    pub kind: ServerKind,
+}
+
+pub enum ServerKind {
+    Unftp(InProc),
+    Vsftpd,
+}
+
+/// libunftp on a fixed port, in its own runtime so that "killing" it drops every session.
+pub struct InProc {
+    pub root: PathBuf,
+    pub port: u16,
+    pub stop: Option<std::sync::mpsc::Sender<()>>,
+    pub thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProc {
+    pub fn start(root: &Path, port: u16) -> InProc {
+        InProc::start_with(root, port, Arc::new(Faults::default()))
+    }
+
+    pub fn start_with(root: &Path, port: u16, faults: Arc<Faults>) -> InProc {
+        InProc::start_full(root, port, faults, None)
+    }
+
+    /// `tls`: (certificate, key) PEM files: FTPS required on control and data connections.
+    pub fn start_full(
+        root: &Path,
+        port: u16,
+        faults: Arc<Faults>,
+        tls: Option<(PathBuf, PathBuf)>,
+    ) -> InProc {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let r = root.to_path_buf();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.spawn(async move {
+                let mut builder = libunftp::ServerBuilder::new(Box::new(move || FaultyFs {
+                    inner: unftp_sbe_fs::Filesystem::new(r.clone()).unwrap(),
+                    faults: faults.clone(),
+                }))
+                .greeting("kkm-bridge test server")
+                .passive_ports(50000..=65000);
+                if let Some((cert, key)) = tls {
+                    builder = builder.ftps(cert, key).ftps_required(true, true);
+                }
+                let server = builder.build().unwrap();
+                server.listen(format!("127.0.0.1:{port}")).await.unwrap();
+            });
+            // Wait until the port answers.
+            rt.block_on(async {
+                for _ in 0..200 {
+                    if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .is_ok()
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+            ready_tx.send(()).unwrap();
+            let _ = rx.recv();
+            rt.shutdown_background();
+        });
+        ready_rx.recv().unwrap();
+        InProc {
+            root: root.to_path_buf(),
+            port,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    pub fn unftp(root: &Path) -> Server {
+        Server::unftp_with(root, Arc::new(Faults::default()))
+    }
+
+    pub fn unftp_with(root: &Path, faults: Arc<Faults>) -> Server {
+        std::fs::create_dir_all(root.join("Files")).unwrap();
+        let port = free_port();
+        Server {
+            url: format!("ftp://kassa:any@127.0.0.1:{port}/Files"),
+            kind: ServerKind::Unftp(InProc::start_with(root, port, faults)),
+        }
+    }
+
+    /// vsftpd from `KKM_TEST_FTP_URL`, or None (the test prints a note and passes).
+    pub fn vsftpd() -> Option<Server> {
+        match std::env::var("KKM_TEST_FTP_URL") {
+            Ok(url) if !url.is_empty() => Some(Server {
+                url,
+                kind: ServerKind::Vsftpd,
+            }),
+            _ => {
+                eprintln!("note: KKM_TEST_FTP_URL is not set; vsftpd scenario skipped");
+                None
+            }
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        match &mut self.kind {
+            ServerKind::Unftp(s) => s.kill(),
+            ServerKind::Vsftpd => script("stop"),
+        }
+    }
+
+    pub async fn start_again(&mut self) {
+        match &mut self.kind {
+            ServerKind::Unftp(s) => {
+                let (root, port) = (s.root.clone(), s.port);
+                *s = InProc::start(&root, port);
+            }
+            ServerKind::Vsftpd => script("start"),
+        }
+    }
+
+    pub async fn client(&self) -> AsyncFtpStream {
+        let rest = self.url.strip_prefix("ftp://").unwrap();
+        let (auth, rest) = rest.split_once('@').unwrap();
+        let (user, pass) = auth.split_once(':').unwrap();
+        let (hostport, dir) = rest.split_once('/').unwrap();
+        let mut f = AsyncFtpStream::connect(hostport).await.unwrap();
+        f.login(user, pass).await.unwrap();
+        f.transfer_type(FileType::Binary).await.unwrap();
+        f.cwd(dir).await.unwrap();
+        f
+    }
+
+    pub async fn put(&self, name: &str, bytes: &[u8]) {
+        let mut f = self.client().await;
+        let mut w = f.put_with_stream(name).await.unwrap();
+        w.write_all(bytes).await.unwrap();
+        w.finish().await.unwrap();
+        let _ = f.quit().await;
+    }
+
+    pub async fn get(&self, name: &str) -> Vec<u8> {
+        let mut f = self.client().await;
+        let mut r = f.retr_as_stream(name).await.unwrap();
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).await.unwrap();
+        r.finish().await.unwrap();
+        let _ = f.quit().await;
+        out
+    }
+
+    /// Every file name in the directory, dot files included, sorted.
+    pub async fn names(&self) -> Vec<String> {
+        let mut f = self.client().await;
+        let lines = f.list(Some("-a")).await.unwrap();
+        let _ = f.quit().await;
+        let mut v: Vec<String> = lines
+            .iter()
+            .filter_map(|l| parse_list_line(l))
+            .filter(|e| e.is_file)
+            .map(|e| e.name)
+            .collect();
+        v.sort();
+        v
+    }
+
+    pub async fn clear(&self) {
+        let names = self.names().await;
+        let mut f = self.client().await;
+        for n in names {
+            f.rm(&n).await.unwrap();
+        }
+        let _ = f.quit().await;
+    }
+}
+
+pub fn script(cmd: &str) {
+    let s = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ftp-server");
+    let out = std::process::Command::new(s).arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/ftp-server {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// vsftpd scenarios share one server directory: one at a time.
+pub static VSFTPD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+// ------------------------------------------------------------------ fault injection
+
+/// Faults the in-process server injects, each for the next N operations.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// RNTO answers 553.
+    pub refuse_renames: std::sync::atomic::AtomicU32,
+    /// RETR sends half the file, then the data connection breaks.
+    pub cut_downloads: std::sync::atomic::AtomicU32,
+    /// LIST takes `slow_list_ms` before answering.
+    pub slow_lists: std::sync::atomic::AtomicU32,
+    pub slow_list_ms: std::sync::atomic::AtomicU64,
+    /// STOR answers 452 (insufficient storage space), then 552 (exceeded allocation).
+    pub full_452: std::sync::atomic::AtomicU32,
+    pub full_552: std::sync::atomic::AtomicU32,
+    /// STOR receives half the file, then the data connection breaks.
+    pub cut_uploads: std::sync::atomic::AtomicU32,
+}
+
+pub fn take_fault(n: &std::sync::atomic::AtomicU32) -> bool {
+    n.fetch_update(
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+        |v| v.checked_sub(1),
+    )
+    .is_ok()
+}
+
+/// The filesystem back-end of libunftp with [`Faults`].
+#[derive(Debug)]
+pub struct FaultyFs {
+    pub inner: unftp_sbe_fs::Filesystem,
+    pub faults: Arc<Faults>,
+}
+
+/// Yields `left` bytes of the file, then fails like a dropped connection.
+pub struct CutReader {
+    pub inner: Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>,
+    pub left: usize,
+}
+
+impl tokio::io::AsyncRead for CutReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected: connection dropped mid-transfer",
+            )));
+        }
+        let left = self.left;
+        let mut small =
+            tokio::io::ReadBuf::new(buf.initialize_unfilled_to(left.min(buf.remaining())));
+        let r = Pin::new(&mut self.inner).poll_read(cx, &mut small);
+        let n = small.filled().len();
+        buf.advance(n);
+        self.left -= n;
+        r
+    }
+}
+
+#[async_trait::async_trait]
+impl<U: unftp_core::auth::UserDetail> unftp_core::storage::StorageBackend<U> for FaultyFs {
+    type Metadata = unftp_sbe_fs::Meta;
+
+    fn supported_features(&self) -> u32 {
+        unftp_core::storage::StorageBackend::<U>::supported_features(&self.inner)
+    }
+    async fn metadata<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<Self::Metadata> {
+        self.inner.metadata(user, path).await
+    }
+    async fn list<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<Vec<unftp_core::storage::Fileinfo<PathBuf, Self::Metadata>>>
+    {
+        if take_fault(&self.faults.slow_lists) {
+            let ms = self
+                .faults
+                .slow_list_ms
+                .load(std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        self.inner.list(user, path).await
+    }
+    async fn get<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+        start_pos: u64,
+    ) -> unftp_core::storage::Result<Box<dyn tokio::io::AsyncRead + Send + Sync + Unpin>> {
+        let size = self
+            .inner
+            .metadata(user, path.as_ref())
+            .await
+            .map(|m| unftp_core::storage::Metadata::len(&m));
+        let r = self.inner.get(user, path, start_pos).await?;
+        if take_fault(&self.faults.cut_downloads) {
+            let left = (size.unwrap_or(2) / 2) as usize;
+            return Ok(Box::new(CutReader { inner: r, left }));
+        }
+        Ok(r)
+    }
+    async fn put<
+        P: AsRef<Path> + Send + std::fmt::Debug,
+        R: tokio::io::AsyncRead + Send + Sync + Unpin + 'static,
+    >(
+        &self,
+        user: &U,
+        input: R,
+        path: P,
+        start_pos: u64,
+    ) -> unftp_core::storage::Result<u64> {
+        use unftp_core::storage::ErrorKind;
+        if take_fault(&self.faults.full_452) {
+            return Err(ErrorKind::InsufficientStorageSpaceError.into());
+        }
+        if take_fault(&self.faults.full_552) {
+            return Err(ErrorKind::ExceededStorageAllocationError.into());
+        }
+        if take_fault(&self.faults.cut_uploads) {
+            // Half of what the client sends reaches the file, then the transfer breaks.
+            let cut = CutReader {
+                inner: Box::new(input),
+                left: 300,
+            };
+            let _ = self.inner.put(user, cut, path, start_pos).await;
+            return Err(ErrorKind::ConnectionClosed.into());
+        }
+        self.inner.put(user, input, path, start_pos).await
+    }
+    async fn del<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<()> {
+        self.inner.del(user, path).await
+    }
+    async fn mkd<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<()> {
+        self.inner.mkd(user, path).await
+    }
+    async fn rename<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        from: P,
+        to: P,
+    ) -> unftp_core::storage::Result<()> {
+        if take_fault(&self.faults.refuse_renames) {
+            return Err(unftp_core::storage::ErrorKind::FileNameNotAllowedError.into());
+        }
+        self.inner.rename(user, from, to).await
+    }
+    async fn rmd<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<()> {
+        self.inner.rmd(user, path).await
+    }
+    async fn cwd<P: AsRef<Path> + Send + std::fmt::Debug>(
+        &self,
+        user: &U,
+        path: P,
+    ) -> unftp_core::storage::Result<()> {
+        self.inner.cwd(user, path).await
+    }
+}
+
+// ------------------------------------------------------------------ the bridge
+
+pub struct Bridge {
+    pub pump: Pump,
+    pub _state: tempfile::TempDir,
+}
+
+pub fn bridge(toml: &str) -> Bridge {
+    let state = tempfile::tempdir().unwrap();
+    let text = format!("state_dir = {:?}\n{toml}", state.path().join("state"));
+    let config = Arc::new(Config::parse(&text, Path::new("test.toml")).unwrap());
+    let store = Arc::new(Store::open(&config.state_dir).unwrap());
+    Bridge {
+        pump: Pump::new(config, store).unwrap(),
+        _state: state,
+    }
+}
+
+impl Bridge {
+    pub async fn pass(&self) -> PassReport {
+        self.pump.pass(false).await
+    }
+
+    /// Passes until nothing is left to move (or `max` passes).
+    pub async fn settle(&self, max: usize) -> PassReport {
+        let mut total = PassReport::default();
+        for _ in 0..max {
+            let r = self.pass().await;
+            total.taken += r.taken;
+            total.delivered += r.delivered;
+            let done = r.all_moved();
+            total.waiting = r.waiting;
+            total.queued = r.queued;
+            total.errors = r.errors;
+            if done {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        total
+    }
+}
+
+pub fn ftp_endpoint(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "[endpoint.{name}]\ntype = \"ftp\"\nurl = {url:?}\npoll = \"100ms\"\ntimeout = \"5s\"\n{extra}\n"
+    )
+}
+
+pub fn dir_endpoint(name: &str, path: &Path, extra: &str) -> String {
+    format!(
+        "[endpoint.{name}]\ntype = \"dir\"\npath = {:?}\nsettle = \"0s\"\n{extra}\n",
+        path
+    )
+}
+
+pub fn link(office: &str, kassa: &str, pos: &str) -> String {
+    format!("[[link]]\noffice = {office:?}\nkassa = {kassa:?}\npos = {pos:?}\n")
+}
+
+pub fn dir_names(p: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+pub type Scenario = for<'a> fn(&'a mut Server) -> Pin<Box<dyn Future<Output = ()> + 'a>>;
+
+pub async fn on_unftp(s: Scenario) {
+    let root = tempfile::tempdir().unwrap();
+    let mut server = Server::unftp(root.path());
+    s(&mut server).await;
+}
+
+pub async fn on_vsftpd(s: Scenario) {
+    let Some(mut server) = Server::vsftpd() else {
+        return;
+    };
+    let _one_at_a_time = VSFTPD.lock().await;
+    server.clear().await;
+    s(&mut server).await;
+    server.clear().await;
+}
