@@ -665,8 +665,24 @@ impl Store {
 
     /// Commit point 1: the package is in the store. Returns its journal id.
     pub fn commit_taken(&self, t: &Taken<'_>, spooled: Spooled) -> Result<i64> {
+        self.commit_taken_inner(t, spooled, false)
+    }
+
+    /// Commit point 1 for a source that is told by the reply itself (SendData: the till
+    /// gets "0" only after this returns, and a retry is deduplicated): the row is written
+    /// with `source_done` set, so one transaction (one fsync) does it.
+    pub fn commit_taken_source_done(&self, t: &Taken<'_>, spooled: Spooled) -> Result<i64> {
+        self.commit_taken_inner(t, spooled, true)
+    }
+
+    fn commit_taken_inner(
+        &self,
+        t: &Taken<'_>,
+        spooled: Spooled,
+        source_done: bool,
+    ) -> Result<i64> {
         let conn = self.conn();
-        match insert_taken(&conn, t, &spooled, false) {
+        match insert_taken(&conn, t, &spooled, source_done) {
             Ok(id) => Ok(id),
             Err(e) => {
                 drop(conn);

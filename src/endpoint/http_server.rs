@@ -403,7 +403,7 @@ impl HttpServerEndpoint {
             Some(u) => format!("SendData/{pos}/{number}/{u}"),
             None => format!("SendData/{pos}/{number}"),
         };
-        let id = store.commit_taken(
+        let id = store.commit_taken_source_done(
             &Taken {
                 link: &c.link,
                 pos,
@@ -416,7 +416,6 @@ impl HttpServerEndpoint {
             },
             spooled,
         )?;
-        store.mark_source_done(id)?;
         tracing::info!(endpoint = %self.name, link = %c.link, till = pos, number, package = id, bytes = bytes.len(), uid = ?uid, "report taken");
         Ok((true, send_reply(StatusCode::OK, errcode::OK, String::new())))
     }
