@@ -19,11 +19,11 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 
-use super::{new_uid, DeliverReport, Role, Routes, TakeReport, WarnOnce};
+use super::{DeliverReport, Role, Routes, TakeReport, WarnOnce};
 use crate::config::{DirConfig, Names};
 use crate::failpoint::crash_point;
 use crate::package::{is_temp_name, spr_marked_loaded, temp_name, Kind, NamePattern, Package};
-use crate::store::{sync_dir, Store, Taken};
+use crate::store::{sync_dir, Store};
 
 pub struct DirEndpoint {
     pub name: String,
@@ -293,19 +293,14 @@ impl DirEndpoint {
             return Ok(false); // still being written; next pass
         }
         crash_point("after-spool");
-        let uid = (c.kind == Kind::Flr).then(new_uid);
         let size = spooled.size;
-        let id = store.commit_taken(
-            &Taken {
-                link: &route.link,
-                pos: c.pos,
-                kind: c.kind,
-                uid: uid.as_deref(),
-                source_endpoint: &self.name,
-                source_name: &c.entry.name,
-                source_seq: c.n.map(i64::from),
-                sink_endpoint: &route.peer,
-            },
+        let id = route.commit_file(
+            store,
+            &self.name,
+            c.pos,
+            c.kind,
+            &c.entry.name,
+            c.n,
             spooled,
         )?;
         // debug: the one info line per package is "delivered" (README "Logs").

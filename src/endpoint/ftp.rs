@@ -31,10 +31,10 @@ use suppaftp::types::FileType;
 use suppaftp::FtpError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::{new_uid, DeliverReport, Role, Routes, TakeReport, WarnOnce};
+use super::{DeliverReport, Role, Routes, TakeReport, WarnOnce};
 use crate::config::FtpConfig;
 use crate::package::{is_temp_name, spr_marked_loaded, temp_name, Kind, NamePattern, Package};
-use crate::store::{Store, Taken};
+use crate::store::Store;
 
 /// The control connection: plain, or after `AUTH TLS` with protected data connections.
 pub type AsyncFtpStream = suppaftp::tokio::AsyncRustlsFtpStream;
@@ -351,6 +351,34 @@ macro_rules! cmd {
 }
 
 impl Session<'_> {
+    /// One step of a transfer (a data chunk, the final reply) under the timeout. Unlike a
+    /// plain command's negative reply, any failure here leaves the connection in an
+    /// unknown state, so it is dropped.
+    async fn transfer_step<T>(
+        &mut self,
+        what: impl FnOnce() -> String,
+        step: impl std::future::Future<Output = Result<T, FtpError>>,
+    ) -> Result<T, FtpFail> {
+        let after = self.ep.config.timeout;
+        match tokio::time::timeout(after, step).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(source)) => {
+                self.broken();
+                Err(FtpFail::Cmd {
+                    what: what(),
+                    source,
+                })
+            }
+            Err(_) => {
+                self.broken();
+                Err(FtpFail::Timeout {
+                    what: what(),
+                    after,
+                })
+            }
+        }
+    }
+
     async fn ftp(&mut self) -> Result<&mut AsyncFtpStream, FtpFail> {
         if self.ftp.is_none() {
             self.ftp = Some(self.ep.connect().await?);
@@ -394,28 +422,18 @@ impl Session<'_> {
 
     /// RETR into `w`; returns the byte count after the server's final reply.
     async fn retr_into(&mut self, name: &str, w: &mut impl std::io::Write) -> Result<u64, FtpFail> {
-        let after = self.ep.config.timeout;
         let mut stream = cmd!(self, format!("RETR {name}"), |f| f.retr_as_stream(name))?;
         let mut buf = vec![0u8; CHUNK];
         let mut total = 0u64;
         loop {
-            let n = match tokio::time::timeout(after, stream.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => {
-                    self.broken();
-                    return Err(FtpFail::Cmd {
-                        what: format!("RETR {name} (after {total} bytes)"),
-                        source: FtpError::ConnectionError(e),
-                    });
-                }
-                Err(_) => {
-                    self.broken();
-                    return Err(FtpFail::Timeout {
-                        what: format!("RETR {name} (after {total} bytes)"),
-                        after,
-                    });
-                }
-            };
+            let n = self
+                .transfer_step(|| format!("RETR {name} (after {total} bytes)"), async {
+                    stream
+                        .read(&mut buf)
+                        .await
+                        .map_err(FtpError::ConnectionError)
+                })
+                .await?;
             if n == 0 {
                 break;
             }
@@ -427,23 +445,9 @@ impl Session<'_> {
             }
             total += n as u64;
         }
-        match tokio::time::timeout(after, stream.finish()).await {
-            Ok(Ok(())) => Ok(total),
-            Ok(Err(source)) => {
-                self.broken();
-                Err(FtpFail::Cmd {
-                    what: format!("RETR {name} (final reply)"),
-                    source,
-                })
-            }
-            Err(_) => {
-                self.broken();
-                Err(FtpFail::Timeout {
-                    what: format!("RETR {name} (final reply)"),
-                    after,
-                })
-            }
-        }
+        self.transfer_step(|| format!("RETR {name} (final reply)"), stream.finish())
+            .await?;
+        Ok(total)
     }
 
     /// STOR `name` from the package's payload; checks the final reply.
@@ -453,7 +457,6 @@ impl Session<'_> {
         pkg: &Package,
         payload: crate::store::Payload,
     ) -> Result<u64, FtpFail> {
-        let after = self.ep.config.timeout;
         let mut src = payload.into_async();
         let mut stream = cmd!(self, format!("STOR {name}"), |f| f.put_with_stream(name))?;
         let mut buf = vec![0u8; CHUNK];
@@ -473,42 +476,18 @@ impl Session<'_> {
             if n == 0 {
                 break;
             }
-            match tokio::time::timeout(after, stream.write_all(&buf[..n])).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    self.broken();
-                    return Err(FtpFail::Cmd {
-                        what: format!("STOR {name} (after {total} bytes)"),
-                        source: FtpError::ConnectionError(e),
-                    });
-                }
-                Err(_) => {
-                    self.broken();
-                    return Err(FtpFail::Timeout {
-                        what: format!("STOR {name} (after {total} bytes)"),
-                        after,
-                    });
-                }
-            }
+            self.transfer_step(|| format!("STOR {name} (after {total} bytes)"), async {
+                stream
+                    .write_all(&buf[..n])
+                    .await
+                    .map_err(FtpError::ConnectionError)
+            })
+            .await?;
             total += n as u64;
         }
-        match tokio::time::timeout(after, stream.finish()).await {
-            Ok(Ok(())) => Ok(total),
-            Ok(Err(source)) => {
-                self.broken();
-                Err(FtpFail::Cmd {
-                    what: format!("STOR {name} (final reply)"),
-                    source,
-                })
-            }
-            Err(_) => {
-                self.broken();
-                Err(FtpFail::Timeout {
-                    what: format!("STOR {name} (final reply)"),
-                    after,
-                })
-            }
-        }
+        self.transfer_step(|| format!("STOR {name} (final reply)"), stream.finish())
+            .await?;
+        Ok(total)
     }
 
     /// SIZE: Some(size), None when the file is absent (550); Err for anything else.
@@ -1027,19 +1006,14 @@ impl FtpEndpoint {
             }
             return Ok(false);
         }
-        let uid = (c.kind == Kind::Flr).then(new_uid);
         let size = spooled.size;
-        let id = store.commit_taken(
-            &Taken {
-                link: &route.link,
-                pos: c.pos,
-                kind: c.kind,
-                uid: uid.as_deref(),
-                source_endpoint: &self.name,
-                source_name: &c.entry.name,
-                source_seq: c.n.map(i64::from),
-                sink_endpoint: &route.peer,
-            },
+        let id = route.commit_file(
+            store,
+            &self.name,
+            c.pos,
+            c.kind,
+            &c.entry.name,
+            c.n,
             spooled,
         )?;
         tracing::info!(endpoint = %self.name, link = %route.link, till = c.pos, kind = %c.kind, package = id, bytes = size, "taken {}", c.entry.name);

@@ -65,6 +65,38 @@ pub struct Routes {
     pub links: Vec<Route>,
 }
 
+impl Route {
+    /// Commit point 1 for a file taken by a file-based source (dir, ftp): the `.$n` number is
+    /// the source number, and an flr gets a UID made by the bridge here, since a file
+    /// carries none (PROTOCOL.md §4.1; journaled, served to HTTP tills).
+    #[allow(clippy::too_many_arguments)]
+    pub fn commit_file(
+        &self,
+        store: &Store,
+        endpoint: &str,
+        pos: u32,
+        kind: Kind,
+        name: &str,
+        n: Option<u32>,
+        spooled: crate::store::Spooled,
+    ) -> crate::store::Result<i64> {
+        let uid = (kind == Kind::Flr).then(new_uid);
+        store.commit_taken(
+            &crate::store::Taken {
+                link: &self.link,
+                pos,
+                kind,
+                uid: uid.as_deref(),
+                source_endpoint: endpoint,
+                source_name: name,
+                source_seq: n.map(i64::from),
+                sink_endpoint: &self.peer,
+            },
+            spooled,
+        )
+    }
+}
+
 impl Routes {
     pub fn route(&self, pos: u32) -> Option<&Route> {
         self.links.iter().find(|r| r.pos.contains(pos))
