@@ -25,6 +25,9 @@ use sha2::{Digest, Sha256};
 
 use crate::package::{Direction, Kind, Package};
 
+mod group;
+pub use group::{NewReport, ReportOutcome};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("state_dir {dir}: another kkm-bridge process is using it{holder}; stop it first (a `run` daemon and a `sync` must not share a state_dir at the same time)")]
@@ -279,6 +282,11 @@ pub struct Store {
     spool: PathBuf,
     db_file: String,
     conn: Mutex<Connection>,
+    /// SendData reports waiting to be committed together (see `group.rs`).
+    group: group::GroupCommit,
+    /// Bumped after every commit that queues a package towards the tills, so that a
+    /// cached "nothing for this till" (ReceiveData) knows when to look again.
+    down_generation: std::sync::atomic::AtomicU64,
     /// The exclusive lock; `None` for a read-only store (`status`, `journal`).
     _lock: Option<File>,
 }
@@ -458,6 +466,8 @@ impl Store {
             spool,
             db_file,
             conn: Mutex::new(conn),
+            group: Default::default(),
+            down_generation: Default::default(),
             _lock: Some(lock),
         };
         store.remove_orphan_spool_files()?;
@@ -500,6 +510,8 @@ impl Store {
             spool: state_dir.join("spool"),
             db_file,
             conn: Mutex::new(conn),
+            group: Default::default(),
+            down_generation: Default::default(),
             _lock: None,
         })
     }
@@ -663,6 +675,23 @@ impl Store {
         Ok(out)
     }
 
+    /// A package of `kind` was just committed: a till's cached "nothing for you" may be
+    /// stale now.
+    fn queued(&self, kind: Kind) {
+        if kind.direction() == Direction::Down {
+            self.down_generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Changes after every commit that queues a package towards the tills. Read it before
+    /// looking for a till's next package; if it is unchanged later, nothing was queued in
+    /// between.
+    pub fn down_generation(&self) -> u64 {
+        self.down_generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Commit point 1: the package is in the store. Returns its journal id.
     pub fn commit_taken(&self, t: &Taken<'_>, spooled: Spooled) -> Result<i64> {
         self.commit_taken_inner(t, spooled, false)
@@ -683,7 +712,10 @@ impl Store {
     ) -> Result<i64> {
         let conn = self.conn();
         match insert_taken(&conn, t, &spooled, source_done) {
-            Ok(id) => Ok(id),
+            Ok(id) => {
+                self.queued(t.kind);
+                Ok(id)
+            }
             Err(e) => {
                 drop(conn);
                 spooled.discard();
@@ -714,7 +746,10 @@ impl Store {
             Ok(id)
         })();
         match r {
-            Ok(id) => Ok(id),
+            Ok(id) => {
+                self.queued(t.kind);
+                Ok(id)
+            }
             Err(e) => {
                 drop(conn);
                 spooled.discard();

@@ -26,10 +26,10 @@ use sha2::{Digest, Sha256};
 use super::Routes;
 use crate::config::{AuthMode, HttpConfig, UserConfig};
 use crate::package::{
-    decode_base64, encode_zip_base64, sha256_hex, unzip_if_zipped, zip_entry_name, CodecError,
-    Direction, Kind, Package,
+    decode_base64, encode_zip_base64, unzip_if_zipped, zip_entry_name, CodecError, Direction, Kind,
+    Package,
 };
-use crate::store::{Store, Taken};
+use crate::store::{NewReport, ReportOutcome, Spooled, Store};
 
 /// errcode values (PROTOCOL.md §4.1, §4.2): strings, as in the vendor examples.
 pub mod errcode {
@@ -53,8 +53,10 @@ pub struct HttpServerEndpoint {
     pub name: String,
     pub config: HttpConfig,
     pub routes: Routes,
-    /// Serialises the read-modify-write of the serving state and the SendData dedup.
+    /// Serialises the read-modify-write of the serving state (ReceiveData).
     serving: Mutex<()>,
+    /// What ReceiveData last answered each till, to answer a repeated poll from memory.
+    cache: Mutex<ServeCache>,
     /// The daemon's live view (last contact, request latency), when running under `run`.
     pub live: std::sync::OnceLock<Arc<crate::status::Live>>,
     /// `tls_cert` + `tls_key`: serve HTTPS.
@@ -143,6 +145,91 @@ fn same_secret(given: &str, expected: &str) -> bool {
         == 0
 }
 
+/// Most ReceiveData requests repeat the previous one: a till polls and gets "no data", or
+/// asks for the same number again until it has applied its package. The answers to those
+/// are kept here, so that they cost no journal queries and no encoding. The journal stays
+/// the truth: every change of a till's serving state goes through `next_for_till` (under
+/// the `serving` lock), which updates this cache after the journal.
+#[derive(Default)]
+struct ServeCache {
+    tills: HashMap<u32, CachedServe>,
+    /// Sum of the cached reply sizes, kept under [`REPLY_CACHE_MAX`].
+    reply_bytes: usize,
+}
+
+/// What the cache may hold in encoded replies, over all tills.
+const REPLY_CACHE_MAX: usize = 32 << 20;
+
+enum CachedServe {
+    /// Nothing was queued for the till at this store generation
+    /// ([`Store::down_generation`]).
+    Empty { generation: u64 },
+    /// `package` is being served under `number`; `reply` is its encoded reply (small
+    /// packages, while the budget allows).
+    Serving {
+        number: i64,
+        package: i64,
+        reply: Option<axum::body::Bytes>,
+    },
+}
+
+impl ServeCache {
+    fn set(&mut self, pos: u32, entry: CachedServe) {
+        if let Some(CachedServe::Serving {
+            reply: Some(old), ..
+        }) = self.tills.insert(pos, entry)
+        {
+            self.reply_bytes -= old.len();
+        }
+    }
+
+    /// Keeps `reply` as package `package`'s reply for till `pos`, if that is still what
+    /// the till is served and the budget allows.
+    fn keep_reply(&mut self, pos: u32, package_id: i64, bytes: &axum::body::Bytes) {
+        if self.reply_bytes + bytes.len() > REPLY_CACHE_MAX {
+            return;
+        }
+        if let Some(CachedServe::Serving {
+            package,
+            reply: reply @ None,
+            ..
+        }) = self.tills.get_mut(&pos)
+        {
+            if *package == package_id {
+                *reply = Some(bytes.clone());
+                self.reply_bytes += bytes.len();
+            }
+        }
+    }
+}
+
+fn json_bytes_response(bytes: axum::body::Bytes) -> Response {
+    let mut r = (StatusCode::OK, bytes).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    r
+}
+
+/// The "no data" reply (errcode "3"), encoded once.
+fn no_data_reply() -> axum::body::Bytes {
+    static BYTES: std::sync::OnceLock<axum::body::Bytes> = std::sync::OnceLock::new();
+    BYTES
+        .get_or_init(|| {
+            serde_json::to_vec(&ReceiveReply {
+                data: String::new(),
+                errcode: errcode::NO_DATA,
+                errmessage: NO_DATA_MESSAGE.into(),
+                packagetype: None,
+                uid: None,
+            })
+            .expect("replies always serialise")
+            .into()
+        })
+        .clone()
+}
+
 /// The till request, checked up to the link that carries the till.
 struct Checked {
     pos: u32,
@@ -170,6 +257,7 @@ impl HttpServerEndpoint {
             config,
             routes,
             serving: Mutex::new(()),
+            cache: Mutex::new(ServeCache::default()),
             live: std::sync::OnceLock::new(),
             tls,
         })
@@ -287,10 +375,50 @@ impl HttpServerEndpoint {
         })
     }
 
+    /// ReceiveData from memory, when the till asks what it asked last time (see
+    /// [`ServeCache`]). `None`: the journal must be asked.
+    fn cached_reply(&self, store: &Store, pos: u32, number: i64) -> Option<Response> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        match cache.tills.get(&pos)? {
+            CachedServe::Empty { generation } if *generation == store.down_generation() => {
+                Some(json_bytes_response(no_data_reply()))
+            }
+            CachedServe::Serving {
+                number: n,
+                reply: Some(bytes),
+                ..
+            } if *n == number => Some(json_bytes_response(bytes.clone())),
+            _ => None,
+        }
+    }
+
     /// ReceiveData serving semantics (PROTOCOL.md §4.1). Returns the package served under
-    /// `number`, if any.
+    /// `number`, if any, and records the answer in the cache.
     fn next_for_till(&self, store: &Store, c: &Checked) -> crate::store::Result<Option<Package>> {
         let _guard = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        // Read before looking: a package queued after this is seen by the next request.
+        let generation = store.down_generation();
+        let served = self.next_for_till_locked(store, c)?;
+        let entry = match &served {
+            None => CachedServe::Empty { generation },
+            Some(p) => CachedServe::Serving {
+                number: c.number,
+                package: p.id,
+                reply: None,
+            },
+        };
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(c.pos, entry);
+        Ok(served)
+    }
+
+    fn next_for_till_locked(
+        &self,
+        store: &Store,
+        c: &Checked,
+    ) -> crate::store::Result<Option<Package>> {
         let (pos, number) = (c.pos, c.number);
         let current = store
             .served(&self.name, pos)?
@@ -339,7 +467,7 @@ impl HttpServerEndpoint {
             }
         };
         let Some(pkg) = pkg else {
-            return receive_error(StatusCode::OK, errcode::NO_DATA, NO_DATA_MESSAGE.into());
+            return json_bytes_response(no_data_reply());
         };
         let bytes = match store.payload_bytes(&pkg) {
             Ok(b) => b,
@@ -361,63 +489,68 @@ impl HttpServerEndpoint {
         } else {
             None
         };
-        json_response(
-            StatusCode::OK,
-            &ReceiveReply {
-                data: encode_zip_base64(&bytes, &zip_entry_name(pkg.kind, pkg.pos, pkg.id)),
-                errcode: errcode::OK,
-                errmessage: String::new(),
-                packagetype: Some(pkg.kind.as_str()),
-                uid,
-            },
-        )
+        let reply: axum::body::Bytes = serde_json::to_vec(&ReceiveReply {
+            data: encode_zip_base64(&bytes, &zip_entry_name(pkg.kind, pkg.pos, pkg.id)),
+            errcode: errcode::OK,
+            errmessage: String::new(),
+            packagetype: Some(pkg.kind.as_str()),
+            uid,
+        })
+        .expect("replies always serialise")
+        .into();
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keep_reply(c.pos, pkg.id, &reply);
+        json_bytes_response(reply)
     }
 
-    /// Stores a decoded report durably, or says it is a repeat. Returns the reply.
+    /// Stores a decoded, spooled report durably (group commit with the reports other tills
+    /// push at the same moment), or says it is a repeat. Returns whether it was stored, and
+    /// the reply.
     fn store_report(
         &self,
         store: &Store,
         c: &Checked,
-        uid: Option<&str>,
-        bytes: &[u8],
+        uid: Option<String>,
+        spooled: Spooled,
     ) -> Result<(bool, Response), crate::store::StoreError> {
-        let _guard = self.serving.lock().unwrap_or_else(|p| p.into_inner());
         let (pos, number) = (c.pos, c.number);
-        let sha = sha256_hex(bytes);
-        if let Some(id) = store.find_by_source(&self.name, pos, number, &sha)? {
-            tracing::info!(endpoint = %self.name, till = pos, number, package = id, "SendData repeated with the same content; nothing stored");
-            return Ok((
-                false,
-                send_reply(
-                    StatusCode::OK,
-                    errcode::ALREADY,
-                    format!("ККМ {pos}, пакет {number}: пакет с этим номером уже обработан"),
-                ),
-            ));
-        }
-        if store.source_seq_seen(&self.name, pos, number)? {
-            tracing::warn!(endpoint = %self.name, till = pos, number, "SendData: the same number with different content; stored as a new report (till counter reset?)");
-        }
-        let spooled = store.spool_bytes(bytes)?;
-        let source_name = match uid {
+        let bytes = spooled.size;
+        let source_name = match &uid {
             Some(u) => format!("SendData/{pos}/{number}/{u}"),
             None => format!("SendData/{pos}/{number}"),
         };
-        let id = store.commit_taken_source_done(
-            &Taken {
-                link: &c.link,
-                pos,
-                kind: Kind::Rep,
-                uid,
-                source_endpoint: &self.name,
-                source_name: &source_name,
-                source_seq: Some(number),
-                sink_endpoint: &c.office,
-            },
+        let outcome = store.commit_report(NewReport {
+            link: c.link.clone(),
+            pos,
+            uid: uid.clone(),
+            source_endpoint: self.name.clone(),
+            source_name,
+            number,
+            sink_endpoint: c.office.clone(),
             spooled,
-        )?;
-        tracing::info!(endpoint = %self.name, link = %c.link, till = pos, number, package = id, bytes = bytes.len(), uid = ?uid, "report taken");
-        Ok((true, send_reply(StatusCode::OK, errcode::OK, String::new())))
+        })?;
+        match outcome {
+            ReportOutcome::Repeat { id } => {
+                tracing::info!(endpoint = %self.name, till = pos, number, package = id, "SendData repeated with the same content; nothing stored");
+                Ok((
+                    false,
+                    send_reply(
+                        StatusCode::OK,
+                        errcode::ALREADY,
+                        format!("ККМ {pos}, пакет {number}: пакет с этим номером уже обработан"),
+                    ),
+                ))
+            }
+            ReportOutcome::Stored { id, number_reused } => {
+                if number_reused {
+                    tracing::warn!(endpoint = %self.name, till = pos, number, package = id, "SendData: the same number with different content; stored as a new report (till counter reset?)");
+                }
+                tracing::info!(endpoint = %self.name, link = %c.link, till = pos, number, package = id, bytes, uid = ?uid, "report taken");
+                Ok((true, send_reply(StatusCode::OK, errcode::OK, String::new())))
+            }
+        }
     }
 
     /// Builds the router: `{prefix}/{POS}/{PackageNo}` and
@@ -531,6 +664,9 @@ async fn receive_data(
         Ok(c) => c,
         Err(r) => return *r,
     };
+    if let Some(r) = st.ep.cached_reply(&st.store, c.pos, c.number) {
+        return r;
+    }
     let (ep, store) = (st.ep.clone(), st.store.clone());
     let (p, n) = (c.pos, c.number);
     match tokio::task::spawn_blocking(move || ep.receive_blocking(&store, c)).await {
@@ -659,9 +795,12 @@ async fn send_data(
     }
     let (ep, store) = (st.ep.clone(), st.store.clone());
     let link = c.link.clone();
-    let res =
-        tokio::task::spawn_blocking(move || ep.store_report(&store, &c, uid.as_deref(), &bytes))
-            .await;
+    let res = tokio::task::spawn_blocking(move || {
+        let spooled = store.spool_bytes(&bytes)?;
+        drop(bytes);
+        ep.store_report(&store, &c, uid, spooled)
+    })
+    .await;
     match res {
         Ok(Ok((stored, reply))) => {
             if stored {
