@@ -496,3 +496,38 @@ async fn in_flight_report_finishes_during_graceful_shutdown() {
     // New connections are refused once stopped.
     assert!(tokio::net::TcpStream::connect(b.addr).await.is_err());
 }
+
+/// Repeated polls are answered from memory (`ServeCache`); the cache must never answer
+/// with something the journal would not: a package queued while a till keeps getting
+/// "no data", an acknowledged package, or a package served under another number.
+#[tokio::test]
+async fn answers_from_memory_follow_the_journal() {
+    let b = Bridge::start().await;
+    // "No data", again and again (the second and later ones come from memory)...
+    for _ in 0..3 {
+        assert_eq!(b.get(&format!("{P}/2/7")).await.errcode(), "3");
+    }
+    // ...until a package is queued: the very next poll gets it.
+    let a = fixture("POS1.spr.cp1251");
+    let c = fixture("POS1.spr.utf8bom");
+    b.drop_office_file("POS2.spr.$1", &a).await;
+    assert_eq!(data_bytes(&b.get(&format!("{P}/2/7")).await), a);
+    // The same number again: the same package (from memory), nothing acknowledged.
+    for _ in 0..3 {
+        assert_eq!(data_bytes(&b.get(&format!("{P}/2/7")).await), a);
+    }
+    assert_eq!(b.journal()[0].4, "taken");
+    // Another till's poll does not disturb till 2's answer.
+    assert_eq!(b.get(&format!("{P}/3/7")).await.errcode(), "3");
+    // Number + 1 acknowledges; the next package queued meanwhile is served after it.
+    b.drop_office_file("POS2.spr.$2", &c).await;
+    assert_eq!(data_bytes(&b.get(&format!("{P}/2/8")).await), c);
+    assert_eq!(b.journal()[0].4, "delivered");
+    // The old number now is an unexpected one: the unacknowledged package again, not a.
+    assert_eq!(data_bytes(&b.get(&format!("{P}/2/7")).await), c);
+    assert_eq!(data_bytes(&b.get(&format!("{P}/2/7")).await), c);
+    // And acknowledged: "no data", from then on.
+    assert_eq!(b.get(&format!("{P}/2/8")).await.errcode(), "3");
+    assert_eq!(b.journal()[1].4, "delivered");
+    assert_eq!(b.get(&format!("{P}/2/8")).await.errcode(), "3");
+}
