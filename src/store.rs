@@ -449,12 +449,19 @@ impl Store {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql)?;
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            conn.execute_batch(&format!(
-                "BEGIN; {m}; PRAGMA user_version = {}; COMMIT;",
-                i + 1
-            ))
-            .map_err(sql)?;
+        // Every pending migration in one transaction: a new store costs one commit (one
+        // fsync) instead of one per migration, and a crash leaves the old version whole.
+        if (version as usize) < MIGRATIONS.len() {
+            let mut batch = String::from("BEGIN;");
+            for m in MIGRATIONS.iter().skip(version as usize) {
+                batch.push_str(m);
+                batch.push(';');
+            }
+            batch.push_str(&format!(
+                "PRAGMA user_version = {}; COMMIT;",
+                MIGRATIONS.len()
+            ));
+            conn.execute_batch(&batch).map_err(sql)?;
         }
         let store = Store {
             dir: state_dir.to_path_buf(),

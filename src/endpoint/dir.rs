@@ -43,9 +43,9 @@ struct Entry {
 }
 
 /// Files taken per journal commit, at most...
-const TAKE_BATCH_MAX: usize = 64;
+const TAKE_BATCH_MAX: usize = 256;
 /// ...and at most this many bytes of small (inline) payloads held in memory.
-const TAKE_BATCH_BYTES: u64 = 4 << 20;
+const TAKE_BATCH_BYTES: u64 = 8 << 20;
 
 /// A file read into the spool, waiting for its batch's commit.
 struct Prepared {
