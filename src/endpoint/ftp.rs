@@ -481,7 +481,10 @@ impl Session<'_> {
             }
             crate::store::Payload::File(f) => {
                 let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(2);
-                tokio::task::spawn_blocking(move || read_chunks(f, tx));
+                // Sent buffers go back to the reader: no 1 MiB allocation (and zeroing)
+                // per chunk.
+                let (back, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+                tokio::task::spawn_blocking(move || read_chunks(f, tx, spare));
                 while let Some(chunk) = rx.recv().await {
                     let chunk = match chunk {
                         Ok(c) => c,
@@ -501,6 +504,7 @@ impl Session<'_> {
                     })
                     .await?;
                     total += chunk.len() as u64;
+                    let _ = back.try_send(chunk);
                 }
             }
         }
@@ -1560,12 +1564,18 @@ async fn blocking(
     }
 }
 
-/// Reads a spool file in chunks of [`FILE_CHUNK`] into `tx` (on the blocking pool); stops
-/// at the end, at an error (sent on), or when the receiver is gone.
-fn read_chunks(mut f: std::fs::File, tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>) {
+/// Reads a spool file in chunks of [`FILE_CHUNK`] into `tx` (on the blocking pool), in
+/// buffers the sender hands back through `spare` when it can; stops at the end, at an
+/// error (sent on), or when the receiver is gone.
+fn read_chunks(
+    mut f: std::fs::File,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+) {
     use std::io::Read;
     loop {
-        let mut buf = vec![0u8; FILE_CHUNK];
+        let mut buf = spare.try_recv().unwrap_or_default();
+        buf.resize(FILE_CHUNK, 0);
         let mut n = 0;
         while n < buf.len() {
             match f.read(&mut buf[n..]) {
