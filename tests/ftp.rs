@@ -790,3 +790,38 @@ async fn unftp_lost_lazy_commits_are_redone_by_recovery() {
 async fn vsftpd_lost_lazy_commits_are_redone_by_recovery() {
     on_vsftpd(lost_lazy_commits_are_redone_by_recovery).await;
 }
+
+/// A package bigger than the inline limit and than one upload chunk (1 MiB): linked into
+/// the spool, streamed in chunks, arrives byte for byte.
+fn big_package_streams_whole(server: &mut Server) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        let office = tempfile::tempdir().unwrap();
+        let mut big = b"##@@&&$$$RPL\r\n#\r\n".to_vec();
+        let mut i = 0u32;
+        while big.len() < (5 << 20) / 2 {
+            big.extend_from_slice(format!("{i};;goods {i};;1;;{}.00;\r\n", i % 997).as_bytes());
+            i += 1;
+        }
+        std::fs::write(office.path().join("POS9.spr.$1"), &big).unwrap();
+        let b = bridge(&format!(
+            "{}{}{}",
+            dir_endpoint("office", office.path(), ""),
+            ftp_endpoint("shopftp", &server.url, ""),
+            link("office", "shopftp", "9")
+        ));
+        let r = b.pass().await;
+        assert_eq!((r.taken, r.delivered), (1, 1), "{r:?}");
+        assert_eq!(server.names().await, ["POS9.spr.$1"]);
+        assert!(server.get("POS9.spr.$1").await == big, "bytes differ");
+        assert!(dir_names(office.path()).is_empty());
+    })
+}
+
+#[tokio::test]
+async fn unftp_big_package_streams_whole() {
+    on_unftp(big_package_streams_whole).await;
+}
+#[tokio::test]
+async fn vsftpd_big_package_streams_whole() {
+    on_vsftpd(big_package_streams_whole).await;
+}
