@@ -10,6 +10,10 @@
 //!    so a crash around the rename can be resolved by looking at the temp file.
 //! 3. **delivered**: the sink has it; the payload (inline bytes or spool file) is freed.
 //!
+//! Sources and sinks that move many packages commit in batches (one transaction for many
+//! rows), and journal "source done" and "delivered" as *lazy* commits, which recovery can
+//! redo from what it finds at the endpoint; see `lazy_tx`.
+//!
 //! Small payloads are inline because a new file's fsync (and its directory's) costs ~9× a
 //! WAL append; big ones are files so that they stream and the journal stays small. One process per `state_dir`: an exclusive lock on `state_dir/lock`.
 

@@ -8,15 +8,17 @@
 //! still present; each is downloaded in binary mode into the spool, its byte count checked
 //! against the listing, fsync'd and journaled, and only then DELE'd.
 //!
-//! Writing: the next free `.$n` above the highest listed; upload to `.kkm-bridge.<random>.tmp`
-//! (no reader matches a leading dot), check the transfer's final reply and SIZE, journal
-//! the temp and final names, RNFR/RNTO, journal "delivered". A refused rename deletes the
-//! temp file and leaves the package queued. Single-file mode writes only when the file is
-//! absent or (spr) its line 2 is `@`.
+//! Writing: one listing per pass; the next free `.$n` above the highest listed; upload to
+//! `.kkm-bridge.<random>.tmp` (no reader matches a leading dot), check the transfer's final
+//! reply and SIZE, journal the temp and final names, RNFR/RNTO, journal "delivered" — per
+//! batch of one till's packages (`FtpEndpoint::deliver_batch`). A refused rename deletes
+//! the temp file and leaves the package queued. Single-file mode writes only when the file
+//! is absent or (spr) its line 2 is `@`. Up to `connections` sessions write at once, each
+//! taking whole tills, so a till's packages are renamed into place in order.
 //!
 //! Connections: at most `connections` at a time, each logged in, `TYPE I`, in the directory
 //! of the URL; every command and every transfer chunk has the `timeout`; a connection that
-//! saw any error is dropped, never reused. Failing to connect puts the endpoint in the
+//! saw any error other than a plain negative reply is dropped, never reused. Failing to connect puts the endpoint in the
 //! "unreachable" state with exponential backoff (1 s … 30 s); the state change is logged once
 //! each way, and meanwhile passes report the endpoint as failing without touching anything.
 //! A connection lost mid-operation is logged once and reconnected on the next use.
@@ -1066,7 +1068,7 @@ impl FtpEndpoint {
     /// One listing, then up to `connections` sessions at once, each taking whole tills from
     /// one shared list: all packages of a till are written by one session, in order, so
     /// package k+1 of a till never gets its final name before package k. Per till, packages
-    /// go in batches ([`FtpEndpoint::deliver_batch`]).
+    /// go in batches (`FtpEndpoint::deliver_batch`).
     pub async fn deliver(
         &self,
         store: &Arc<Store>,
