@@ -10,6 +10,10 @@
 //!    so a crash around the rename can be resolved by looking at the temp file.
 //! 3. **delivered**: the sink has it; the payload (inline bytes or spool file) is freed.
 //!
+//! Sources and sinks that move many packages commit in batches (one transaction for many
+//! rows), and journal "source done" and "delivered" as *lazy* commits, which recovery can
+//! redo from what it finds at the endpoint; see `lazy_tx`.
+//!
 //! Small payloads are inline because a new file's fsync (and its directory's) costs ~9× a
 //! WAL append; big ones are files so that they stream and the journal stays small. One process per `state_dir`: an exclusive lock on `state_dir/lock`.
 
@@ -287,6 +291,9 @@ pub struct Store {
     /// Bumped after every commit that queues a package towards the tills, so that a
     /// cached "nothing for this till" (ReceiveData) knows when to look again.
     down_generation: std::sync::atomic::AtomicU64,
+    /// Set by a lazy commit (see [`Store::mark_delivered_batch`]): the WAL holds commits
+    /// that are not fsync'd yet; [`Store::sync_lazy`] makes them durable.
+    lazy_pending: std::sync::atomic::AtomicBool,
     /// The exclusive lock; `None` for a read-only store (`status`, `journal`).
     _lock: Option<File>,
 }
@@ -351,7 +358,9 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Inserts the journal row of a taken package (state 'taken').
+/// Inserts the journal row of a taken package (state 'taken'). Every caller calls
+/// [`Store::queued`] once its transaction has committed (not before: a ReceiveData poll
+/// that read the generation first must not cache "no data" over a committed package).
 fn insert_taken(
     c: &Connection,
     t: &Taken<'_>,
@@ -454,12 +463,19 @@ impl Store {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(sql)?;
-        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            conn.execute_batch(&format!(
-                "BEGIN; {m}; PRAGMA user_version = {}; COMMIT;",
-                i + 1
-            ))
-            .map_err(sql)?;
+        // Every pending migration in one transaction: a new store costs one commit (one
+        // fsync) instead of one per migration, and a crash leaves the old version whole.
+        if (version as usize) < MIGRATIONS.len() {
+            let mut batch = String::from("BEGIN;");
+            for m in MIGRATIONS.iter().skip(version as usize) {
+                batch.push_str(m);
+                batch.push(';');
+            }
+            batch.push_str(&format!(
+                "PRAGMA user_version = {}; COMMIT;",
+                MIGRATIONS.len()
+            ));
+            conn.execute_batch(&batch).map_err(sql)?;
         }
         let store = Store {
             dir: state_dir.to_path_buf(),
@@ -468,6 +484,7 @@ impl Store {
             conn: Mutex::new(conn),
             group: Default::default(),
             down_generation: Default::default(),
+            lazy_pending: std::sync::atomic::AtomicBool::new(false),
             _lock: Some(lock),
         };
         store.remove_orphan_spool_files()?;
@@ -512,6 +529,7 @@ impl Store {
             conn: Mutex::new(conn),
             group: Default::default(),
             down_generation: Default::default(),
+            lazy_pending: std::sync::atomic::AtomicBool::new(false),
             _lock: None,
         })
     }
@@ -633,6 +651,69 @@ impl Store {
             size: 0,
             finished: false,
         })
+    }
+
+    /// Spools a big file of a local source without copying its bytes: a hard link in the
+    /// spool (same filesystem only), its sha256 read once, the file and the spool directory
+    /// fsync'd (the fsync runs while the hash is computed). `Ok(None)` when no link can be
+    /// made here (another filesystem, a filesystem without links, not allowed): copy it.
+    ///
+    /// The source's name is removed only after the commit, like a copy's; from then on the
+    /// spool link is the file's only name. What a link does not protect against, and a
+    /// copy would: a writer that still holds the file open and writes into it after it
+    /// was taken. The caller's size and mtime check before and after, and the settle
+    /// time, are the guard, as for a copy.
+    pub fn spool_link(&self, src: &Path) -> io::Result<Option<Spooled>> {
+        use rand::Rng;
+        let r: u64 = rand::thread_rng().gen();
+        let shard = format!("{:02x}", r >> 56);
+        let dir = self.spool.join(&shard);
+        fs::create_dir_all(&dir)?;
+        let name = format!("{r:016x}.pkg");
+        let path = dir.join(&name);
+        if let Err(e) = fs::hard_link(src, &path) {
+            tracing::debug!(file = %src.display(), "no hard link into the spool ({e}); copying");
+            return Ok(None);
+        }
+        let spooled = (|| -> io::Result<Spooled> {
+            let f = File::open(&path)?;
+            let syncer = {
+                let f = f.try_clone()?;
+                std::thread::spawn(move || f.sync_all())
+            };
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut rd = &f;
+            loop {
+                let n = match rd.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                hasher.update(&buf[..n]);
+                size += n as u64;
+            }
+            syncer
+                .join()
+                .map_err(|_| io::Error::other("the fsync thread panicked"))??;
+            sync_dir(&dir)?;
+            Ok(Spooled {
+                file_name: format!("{shard}/{name}"),
+                path: path.clone(),
+                inline: None,
+                sha256: hex::encode(hasher.finalize()),
+                size,
+            })
+        })();
+        match spooled {
+            Ok(s) => Ok(Some(s)),
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                Err(e)
+            }
+        }
     }
 
     /// Spools bytes already in memory (HTTP bodies, back-office packages).
@@ -1012,6 +1093,196 @@ impl Store {
             spool
         };
         if let Some(s) = spool {
+            let _ = fs::remove_file(self.spool.join(s));
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- batches
+    //
+    // A delivery pass commits per batch of packages instead of per package: one durable
+    // commit for "taken" (a batch of files from one folder scan), one for "delivering" (a
+    // batch of one till's temps uploaded), and *lazy* commits for the two steps that
+    // recovery can finish by looking at the endpoint: "source done" (recovery compares the
+    // source file with the journal's sha256) and "delivered" (recovery looks for the temp:
+    // gone = renamed). See `lazy_tx`.
+
+    /// Runs `f` in one transaction committed without an fsync (`synchronous = NORMAL` for
+    /// this transaction only), for the steps recovery can redo from what it finds at the
+    /// endpoint (a source already removed, a sink temp already renamed). The WAL is
+    /// append-only, so such a commit is ordered before every later one: a crash of the
+    /// process keeps it (it is in the page cache), and a power cut keeps it or loses it
+    /// together with nothing but later commits. The next durable commit, or
+    /// [`Store::sync_lazy`], makes it durable.
+    fn lazy_tx<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T>,
+    ) -> Result<T> {
+        let mut conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| self.sql(e))?;
+        let r = (|| {
+            let tx = conn.transaction()?;
+            let v = f(&tx)?;
+            tx.commit()?;
+            Ok(v)
+        })();
+        let back = conn.pragma_update(None, "synchronous", "FULL");
+        let v = r.map_err(|e| self.sql(e))?;
+        back.map_err(|e| self.sql(e))?;
+        self.lazy_pending
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(v)
+    }
+
+    /// Makes the lazy commits durable: one fsync of the WAL file (a no-op when there are
+    /// none). Called at the end of every take and delivery pass, so a lazy step is durable
+    /// by the time the pass reports it.
+    pub fn sync_lazy(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.lazy_pending.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        let wal = self.dir.join("journal.sqlite-wal");
+        let r = match File::open(&wal) {
+            Ok(f) => f.sync_data(),
+            // No WAL file: a checkpoint has already made everything durable.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+        r.map_err(|e| {
+            self.lazy_pending.store(true, Ordering::SeqCst);
+            self.io("cannot fsync the journal's WAL", e)
+        })
+    }
+
+    /// Commit point 1 for many packages in one transaction (one fsync). All or none: on an
+    /// error every payload is discarded and nothing is committed.
+    pub fn commit_taken_batch(&self, items: Vec<(Taken<'_>, Spooled)>) -> Result<Vec<i64>> {
+        let r = {
+            let mut conn = self.conn();
+            (|| -> rusqlite::Result<Vec<i64>> {
+                let tx = conn.transaction()?;
+                let mut ids = Vec::with_capacity(items.len());
+                for (t, sp) in &items {
+                    ids.push(insert_taken(&tx, t, sp, false)?);
+                }
+                tx.commit()?;
+                Ok(ids)
+            })()
+        };
+        match r {
+            Ok(ids) => {
+                if let Some((t, _)) = items
+                    .iter()
+                    .find(|(t, _)| t.kind.direction() == Direction::Down)
+                {
+                    self.queued(t.kind);
+                }
+                Ok(ids)
+            }
+            Err(e) => {
+                for (_, sp) in items {
+                    sp.discard();
+                }
+                Err(self.sql(e))
+            }
+        }
+    }
+
+    /// The sources of these packages were told (files removed, DELE done). A lazy commit:
+    /// if a power cut loses it, recovery finds the source gone (or compares its sha256)
+    /// and marks it again.
+    pub fn mark_source_done_batch(&self, ids: &[i64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.lazy_tx(|tx| {
+            let mut st = tx.prepare_cached("UPDATE package SET source_done = 1 WHERE id = ?1")?;
+            for id in ids {
+                st.execute(params![id])?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Commit point 2 for a batch (one durable transaction): each package's sink write is
+    /// begun under its temp name, to become its final name. (id, final name, temp name).
+    pub fn mark_delivering_batch(&self, rows: &[(i64, String, String)]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "UPDATE package SET state = 'delivering', sink_name = ?2, sink_tmp = ?3
+                     WHERE id = ?1",
+                )?;
+                for (id, name, tmp) in rows {
+                    st.execute(params![id, name, tmp])?;
+                }
+            }
+            tx.commit()
+        })()
+        .map_err(|e| self.sql(e))
+    }
+
+    /// [`Store::reset_to_taken`] for several packages in one durable transaction (it must
+    /// be durable before their temps are removed: once a temp is gone, "delivering" reads
+    /// as done).
+    pub fn reset_to_taken_batch(&self, ids: &[i64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "UPDATE package SET state = 'taken', sink_name = NULL, sink_tmp = NULL
+                     WHERE id = ?1 AND state = 'delivering'",
+                )?;
+                for id in ids {
+                    st.execute(params![id])?;
+                }
+            }
+            tx.commit()
+        })()
+        .map_err(|e| self.sql(e))
+    }
+
+    /// Commit point 3 for a batch, as a lazy commit: every package here was renamed into
+    /// place after a durable "delivering" with its temp name, so if a power cut loses this
+    /// commit, recovery finds the temp gone and journals it delivered again. The spool
+    /// files are freed after the commit. (id, final name, `.$n`).
+    pub fn mark_delivered_batch(&self, rows: &[(i64, Option<String>, Option<i64>)]) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let spools = self.lazy_tx(|tx| {
+            let mut spools = Vec::new();
+            let mut get = tx.prepare_cached("SELECT spool FROM package WHERE id = ?1")?;
+            let mut set = tx.prepare_cached(
+                "UPDATE package SET state = 'delivered', delivered_at = ?2,
+                   sink_name = COALESCE(?3, sink_name), sink_seq = COALESCE(?4, sink_seq),
+                   sink_tmp = NULL, spool = NULL, payload = NULL
+                 WHERE id = ?1",
+            )?;
+            for (id, name, seq) in rows {
+                if let Some(Some(s)) = get
+                    .query_row(params![id], |r| r.get::<_, Option<String>>(0))
+                    .optional()?
+                {
+                    spools.push(s);
+                }
+                set.execute(params![id, now, name, seq])?;
+            }
+            Ok(spools)
+        })?;
+        for s in spools {
             let _ = fs::remove_file(self.spool.join(s));
         }
         Ok(())

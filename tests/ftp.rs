@@ -590,3 +590,238 @@ async fn download_dropped_mid_transfer_is_retried_whole() {
     assert_eq!(std::fs::read(shop.path().join("POS8.spr.$1")).unwrap(), spr);
     assert!(server.names().await.is_empty());
 }
+
+// ------------------------------------------------------------------ parallel sessions
+
+/// Package `n` of till `pos` as the office writes it.
+fn spr_of(pos: u32, n: u32) -> Vec<u8> {
+    format!("##@@&&$$$ADD\r\n#\r\ntill {pos} package {n}\r\n").into_bytes()
+}
+
+fn office_packages(office: &Path, tills: u32, per: u32) {
+    for pos in 1..=tills {
+        for n in 1..=per {
+            std::fs::write(office.join(format!("POS{pos}.spr.${n}")), spr_of(pos, n)).unwrap();
+        }
+    }
+}
+
+/// Every till has exactly `POS{p}.spr.$1` … `$per` on the server, holding its packages 1 …
+/// `per` in that order (nothing lost, nothing doubled, order kept), and no temp is left.
+async fn assert_delivered_in_order(server: &Server, tills: u32, per: u32) {
+    let mut want: Vec<String> = (1..=tills)
+        .flat_map(|p| (1..=per).map(move |n| format!("POS{p}.spr.${n}")))
+        .collect();
+    want.sort();
+    assert_eq!(server.names().await, want);
+    let got = server.get_many(&want).await;
+    for (name, bytes) in want.iter().zip(got) {
+        let (p, n) = name
+            .strip_prefix("POS")
+            .and_then(|r| r.split_once(".spr.$"))
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            String::from_utf8_lossy(&spr_of(p.parse().unwrap(), n.parse().unwrap())),
+            "{name}"
+        );
+    }
+}
+
+/// Per till, the numbers the bridge renamed to never go down (a rename the proxy dropped
+/// before the server saw it is sent again under the same number).
+fn assert_renames_in_order(renames: &[String]) {
+    let mut last: std::collections::HashMap<u32, u32> = Default::default();
+    for r in renames {
+        let (p, n) = r
+            .strip_prefix("POS")
+            .and_then(|r| r.split_once(".spr.$"))
+            .unwrap();
+        let (p, n): (u32, u32) = (p.parse().unwrap(), n.parse().unwrap());
+        let prev = last.insert(p, n).unwrap_or(0);
+        assert!(
+            n >= prev,
+            "till {p}: RNTO .${n} after .${prev}: {renames:?}"
+        );
+    }
+}
+
+/// `connections = 4`: four sessions write at once, each whole tills; every till's
+/// packages get their numbers in order, and all arrive in one pass.
+fn parallel_sessions_keep_each_tills_order(
+    server: &mut Server,
+) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        use std::sync::atomic::Ordering::SeqCst;
+        let proxy = Proxy::start(url_port(&server.url)).await;
+        let office = tempfile::tempdir().unwrap();
+        office_packages(office.path(), 8, 6);
+        let b = bridge(&format!(
+            "{}{}{}",
+            dir_endpoint("office", office.path(), ""),
+            ftp_endpoint("shopftp", &proxy.url(&server.url), "connections = 4"),
+            link("office", "shopftp", "1-8")
+        ));
+        let r = b.pass().await;
+        assert_eq!((r.taken, r.delivered, r.queued), (48, 48, 0), "{r:?}");
+        assert_eq!(
+            proxy.state.max_open.load(SeqCst),
+            4,
+            "four sessions at once"
+        );
+        // Several tills were written at the same time: sessions' renames interleave.
+        let cmds = proxy.state.commands.lock().unwrap().clone();
+        let sessions_renaming: std::collections::HashSet<usize> = cmds
+            .iter()
+            .filter(|(_, c)| c.starts_with("RNTO"))
+            .map(|(id, _)| *id)
+            .collect();
+        assert!(sessions_renaming.len() >= 2, "{sessions_renaming:?}");
+        let renames = proxy.renames();
+        assert_eq!(renames.len(), 48);
+        assert_renames_in_order(&renames);
+        assert_delivered_in_order(server, 8, 6).await;
+        assert!(dir_names(office.path()).is_empty());
+    })
+}
+
+/// The server (or the network) ends one of the four sessions mid-way, once before the
+/// server sees an RNTO and once after it renamed but before its reply: the other sessions
+/// go on, the next passes finish the rest, and every till ends with its packages exactly
+/// once, in order.
+fn one_session_dropped_mid_way_loses_and_doubles_nothing(
+    server: &mut Server,
+) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        use std::sync::atomic::Ordering::SeqCst;
+        for after_forward in [false, true] {
+            server.clear().await;
+            let proxy = Proxy::start(url_port(&server.url)).await;
+            proxy.drop_session_at("RNTO", 9, after_forward);
+            let office = tempfile::tempdir().unwrap();
+            office_packages(office.path(), 8, 6);
+            let b = bridge(&format!(
+                "{}{}{}",
+                dir_endpoint("office", office.path(), ""),
+                ftp_endpoint("shopftp", &proxy.url(&server.url), "connections = 4"),
+                link("office", "shopftp", "1-8")
+            ));
+            let first = b.pass().await;
+            assert_eq!(proxy.state.dropped.load(SeqCst), 1, "{after_forward}");
+            assert!(!first.all_moved(), "{after_forward}: {first:?}");
+            // Only the dropped session's till waits; the other sessions took the rest.
+            assert!(first.delivered >= 41, "{after_forward}: {first:?}");
+            let rest = b.settle(10).await;
+            assert!(rest.all_moved(), "{after_forward}: {rest:?}");
+            let counts = b.pump.store.counts(None).unwrap();
+            assert_eq!(
+                (counts.queued, counts.delivered),
+                (0, 48),
+                "{after_forward}"
+            );
+            assert_renames_in_order(&proxy.renames());
+            assert_delivered_in_order(server, 8, 6).await;
+        }
+    })
+}
+
+/// As if a power cut lost the two lazy commits of a pass ("delivered" and "source done"):
+/// recovery finds the temps gone and the sources gone, journals them again, and writes
+/// nothing twice.
+fn lost_lazy_commits_are_redone_by_recovery(
+    server: &mut Server,
+) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        let office = tempfile::tempdir().unwrap();
+        office_packages(office.path(), 2, 3);
+        let b = bridge(&format!(
+            "{}{}{}",
+            dir_endpoint("office", office.path(), ""),
+            ftp_endpoint("shopftp", &server.url, "connections = 2"),
+            link("office", "shopftp", "1-2")
+        ));
+        let r = b.pass().await;
+        assert_eq!((r.taken, r.delivered), (6, 6), "{r:?}");
+        // The durable "delivering" commit had the temp names; the renames happened.
+        let n = b
+            .pump
+            .store
+            .with_conn(|c| {
+                c.execute(
+                    "UPDATE package SET state = 'delivering', source_done = 0,
+                       sink_tmp = '.kkm-bridge.' || printf('%016x', id) || '.tmp'",
+                    [],
+                )
+            })
+            .unwrap();
+        assert_eq!(n, 6);
+        let r = b.pass().await;
+        assert_eq!((r.taken, r.delivered, r.queued), (0, 0, 0), "{r:?}");
+        let counts = b.pump.store.counts(None).unwrap();
+        assert_eq!((counts.queued, counts.delivered), (0, 6));
+        assert!(b.pump.store.source_pending("office").unwrap().is_empty());
+        assert_delivered_in_order(server, 2, 3).await;
+    })
+}
+
+#[tokio::test]
+async fn unftp_parallel_sessions_keep_each_tills_order() {
+    on_unftp(parallel_sessions_keep_each_tills_order).await;
+}
+#[tokio::test]
+async fn vsftpd_parallel_sessions_keep_each_tills_order() {
+    on_vsftpd(parallel_sessions_keep_each_tills_order).await;
+}
+
+#[tokio::test]
+async fn unftp_one_session_dropped_mid_way_loses_and_doubles_nothing() {
+    on_unftp(one_session_dropped_mid_way_loses_and_doubles_nothing).await;
+}
+#[tokio::test]
+async fn vsftpd_one_session_dropped_mid_way_loses_and_doubles_nothing() {
+    on_vsftpd(one_session_dropped_mid_way_loses_and_doubles_nothing).await;
+}
+
+#[tokio::test]
+async fn unftp_lost_lazy_commits_are_redone_by_recovery() {
+    on_unftp(lost_lazy_commits_are_redone_by_recovery).await;
+}
+#[tokio::test]
+async fn vsftpd_lost_lazy_commits_are_redone_by_recovery() {
+    on_vsftpd(lost_lazy_commits_are_redone_by_recovery).await;
+}
+
+/// A package bigger than the inline limit and than one upload chunk (1 MiB): linked into
+/// the spool, streamed in chunks, arrives byte for byte.
+fn big_package_streams_whole(server: &mut Server) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        let office = tempfile::tempdir().unwrap();
+        let mut big = b"##@@&&$$$RPL\r\n#\r\n".to_vec();
+        let mut i = 0u32;
+        while big.len() < (5 << 20) / 2 {
+            big.extend_from_slice(format!("{i};;goods {i};;1;;{}.00;\r\n", i % 997).as_bytes());
+            i += 1;
+        }
+        std::fs::write(office.path().join("POS9.spr.$1"), &big).unwrap();
+        let b = bridge(&format!(
+            "{}{}{}",
+            dir_endpoint("office", office.path(), ""),
+            ftp_endpoint("shopftp", &server.url, ""),
+            link("office", "shopftp", "9")
+        ));
+        let r = b.pass().await;
+        assert_eq!((r.taken, r.delivered), (1, 1), "{r:?}");
+        assert_eq!(server.names().await, ["POS9.spr.$1"]);
+        assert!(server.get("POS9.spr.$1").await == big, "bytes differ");
+        assert!(dir_names(office.path()).is_empty());
+    })
+}
+
+#[tokio::test]
+async fn unftp_big_package_streams_whole() {
+    on_unftp(big_package_streams_whole).await;
+}
+#[tokio::test]
+async fn vsftpd_big_package_streams_whole() {
+    on_vsftpd(big_package_streams_whole).await;
+}

@@ -138,3 +138,80 @@ async fn an_upload_dropped_mid_transfer_is_written_again_whole() {
     assert_eq!(server.names().await, ["POS5.spr.$1"], "no temp left");
     assert_eq!(server.get("POS5.spr.$1").await, spr);
 }
+
+// ------------------------------------------------------------------ crashes
+
+/// A real process (`kkm-bridge sync`, office folder → FTP with two sessions) aborted at
+/// every commit point, then run again twice: every till ends with its packages exactly
+/// once, in order, and no temp file is left. `after-delivering` and `after-rename` fall in
+/// the middle of a batch: the batch's "delivering" commit is done and, for
+/// `after-rename`, the first of its renames.
+#[tokio::test]
+async fn a_crash_at_any_commit_point_of_an_ftp_delivery_loses_and_doubles_nothing() {
+    let (tills, per) = (3u32, 4u32);
+    let spr = |pos: u32, n: u32| format!("##@@&&$$$ADD\r\n#\r\ntill {pos} package {n}\r\n");
+    for point in kkm_bridge::failpoint::POINTS {
+        let root = tempfile::tempdir().unwrap();
+        let server = Server::unftp(root.path());
+        let site = tempfile::tempdir().unwrap();
+        let office = site.path().join("office");
+        std::fs::create_dir_all(&office).unwrap();
+        for pos in 1..=tills {
+            for n in 1..=per {
+                std::fs::write(office.join(format!("POS{pos}.spr.${n}")), spr(pos, n)).unwrap();
+            }
+        }
+        let config = site.path().join("kkm-bridge.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {:?}\n{}{}{}",
+                site.path().join("state"),
+                dir_endpoint("office", &office, ""),
+                ftp_endpoint("shopftp", &server.url, "connections = 2"),
+                link("office", "shopftp", "1-3")
+            ),
+        )
+        .unwrap();
+        let sync = |crash: Option<&str>| {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_kkm-bridge"));
+            c.args(["sync", "--config"]).arg(&config);
+            if let Some(p) = crash {
+                c.env("KKM_BRIDGE_CRASH_AT", p);
+            }
+            c.env("RUST_LOG", "warn").output().unwrap()
+        };
+        let o = sync(Some(point));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(&format!("crash point {point} reached")),
+            "{point}: the crash point must be reached: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(o.status.code(), None, "{point}: aborted, not exited");
+        sync(None);
+        let o = sync(None);
+        assert!(
+            o.status.success(),
+            "{point}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let mut want: Vec<String> = (1..=tills)
+            .flat_map(|p| (1..=per).map(move |n| format!("POS{p}.spr.${n}")))
+            .collect();
+        want.sort();
+        assert_eq!(server.names().await, want, "{point}");
+        let got = server.get_many(&want).await;
+        for (name, bytes) in want.iter().zip(got) {
+            let (p, n) = name
+                .strip_prefix("POS")
+                .and_then(|r| r.split_once(".spr.$"))
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&bytes),
+                spr(p.parse().unwrap(), n.parse().unwrap()),
+                "{point}: {name}"
+            );
+        }
+        assert!(dir_names(&office).is_empty(), "{point}");
+    }
+}

@@ -23,7 +23,7 @@ use super::{DeliverReport, Role, Routes, TakeReport, WarnOnce};
 use crate::config::{DirConfig, Names};
 use crate::failpoint::crash_point;
 use crate::package::{is_temp_name, spr_marked_loaded, temp_name, Kind, NamePattern, Package};
-use crate::store::{sync_dir, Store};
+use crate::store::{sync_dir, Store, INLINE_MAX};
 
 pub struct DirEndpoint {
     pub name: String,
@@ -40,6 +40,20 @@ struct Entry {
     name: String,
     size: u64,
     mtime: SystemTime,
+}
+
+/// Files taken per journal commit, at most...
+const TAKE_BATCH_MAX: usize = 256;
+/// ...and at most this many bytes of small (inline) payloads held in memory.
+const TAKE_BATCH_BYTES: u64 = 8 << 20;
+
+/// A file read into the spool, waiting for its batch's commit.
+struct Prepared {
+    c: Candidate,
+    spooled: crate::store::Spooled,
+    /// Size and mtime when it was read: the source is removed only if they still hold.
+    len: u64,
+    mtime: Option<SystemTime>,
 }
 
 /// One file that parsed as a package of this endpoint.
@@ -214,6 +228,8 @@ impl DirEndpoint {
                 n,
             });
         }
+        let mut batch: Vec<Prepared> = Vec::new();
+        let mut inline_bytes = 0u64;
         for (_, mut files) in groups {
             files.sort_by_key(|c| c.n);
             for c in files {
@@ -230,17 +246,23 @@ impl DirEndpoint {
                     continue;
                 }
                 let key = format!("takefail:{}", c.entry.name);
-                match self.take_one(store, &c) {
-                    Ok(taken) => {
+                match self.prepare(store, &c) {
+                    Ok(prepared) => {
                         if self.warned.contains(&key) {
                             self.warned.forget(&key);
                             tracing::info!(endpoint = %self.name, file = %c.entry.name, till = c.pos, "can take files again");
                         }
-                        if taken {
-                            report.taken += 1;
-                        } else {
+                        let Some(p) = prepared else {
                             report.waiting += 1;
                             break;
+                        };
+                        if p.spooled.inline.is_some() {
+                            inline_bytes += p.spooled.size;
+                        }
+                        batch.push(p);
+                        if batch.len() >= TAKE_BATCH_MAX || inline_bytes >= TAKE_BATCH_BYTES {
+                            self.commit_batch(store, std::mem::take(&mut batch), &mut report);
+                            inline_bytes = 0;
                         }
                     }
                     Err(e) => {
@@ -257,14 +279,15 @@ impl DirEndpoint {
                 }
             }
         }
+        self.commit_batch(store, batch, &mut report);
+        store.sync_lazy()?;
         Ok(report)
     }
 
-    /// Takes one file: spool + fsync, journal, then remove the source. Returns false when
-    /// the file turned out to be still changing, or is an already-loaded single file.
-    fn take_one(&self, store: &Store, c: &Candidate) -> anyhow::Result<bool> {
+    /// Reads one file into the store's spool (not committed yet). Ok(None) when the file
+    /// turned out to be still changing, or is an already-loaded single file.
+    fn prepare(&self, store: &Store, c: &Candidate) -> anyhow::Result<Option<Prepared>> {
         let path = self.path(&c.entry.name);
-        let route = self.routes.route(c.pos).expect("candidates are routed");
         let mut file =
             File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
         let before = file.metadata()?;
@@ -275,45 +298,135 @@ impl DirEndpoint {
                 if self.warned.first(&format!("loaded:{}", c.entry.name)) {
                     tracing::info!(endpoint = %self.name, file = %c.entry.name, "left alone: line 2 is '@' (already loaded)");
                 }
-                return Ok(false);
+                return Ok(None);
             }
             self.warned.forget(&format!("loaded:{}", c.entry.name));
             file = File::open(&path)?;
         }
-        let mut w = store.spool_writer()?;
-        io::copy(&mut file, &mut w)
-            .with_context(|| format!("cannot copy {} into the spool", path.display()))?;
-        let spooled = w.finish().context("cannot fsync the spool")?;
+        // A big file is linked into the spool rather than copied (read once, for its
+        // hash), when the spool is on the same filesystem.
+        let linked = if before.len() > INLINE_MAX as u64 {
+            store
+                .spool_link(&path)
+                .with_context(|| format!("cannot spool {}", path.display()))?
+        } else {
+            None
+        };
+        let spooled = match linked {
+            Some(s) => s,
+            None => {
+                let mut w = store.spool_writer()?;
+                copy_big(&mut file, &mut w, before.len())
+                    .with_context(|| format!("cannot copy {} into the spool", path.display()))?;
+                w.finish().context("cannot fsync the spool")?
+            }
+        };
         let after = fs::metadata(&path)?;
         if after.len() != before.len()
             || after.modified().ok() != before.modified().ok()
             || spooled.size != before.len()
         {
             spooled.discard();
-            return Ok(false); // still being written; next pass
+            return Ok(None); // still being written; next pass
         }
-        crash_point("after-spool");
-        let size = spooled.size;
-        let id = route.commit_file(
-            store,
-            &self.name,
-            c.pos,
-            c.kind,
-            &c.entry.name,
-            c.n,
+        Ok(Some(Prepared {
+            c: c.clone(),
             spooled,
-        )?;
-        // debug: the one info line per package is "delivered" (README "Logs").
-        tracing::debug!(endpoint = %self.name, link = %route.link, till = c.pos, kind = %c.kind, package = id, bytes = size, "taken {}", c.entry.name);
-        crash_point("after-taken");
-        self.remove_source(&c.entry.name, id)?;
-        crash_point("after-source-removed");
-        store.mark_source_done(id)?;
-        Ok(true)
+            len: after.len(),
+            mtime: after.modified().ok(),
+        }))
     }
 
-    /// Deletes a consumed file, or moves it to the archive directory.
+    /// Commits a batch of prepared files in one transaction (commit point 1, one fsync),
+    /// then removes their sources (one directory fsync) and marks them done (a lazy
+    /// commit: recovery compares a pending source with the journal's sha256 before it
+    /// removes it).
+    fn commit_batch(&self, store: &Store, batch: Vec<Prepared>, report: &mut TakeReport) {
+        if batch.is_empty() {
+            return;
+        }
+        crash_point("after-spool");
+        let uids: Vec<Option<String>> = batch
+            .iter()
+            .map(|p| (p.c.kind == Kind::Flr).then(super::new_uid))
+            .collect();
+        let mut items = Vec::with_capacity(batch.len());
+        let mut files = Vec::with_capacity(batch.len());
+        for (p, uid) in batch.into_iter().zip(&uids) {
+            let route = self.routes.route(p.c.pos).expect("candidates are routed");
+            items.push((
+                crate::store::Taken {
+                    link: &route.link,
+                    pos: p.c.pos,
+                    kind: p.c.kind,
+                    uid: uid.as_deref(),
+                    source_endpoint: &self.name,
+                    source_name: "",
+                    source_seq: p.c.n.map(i64::from),
+                    sink_endpoint: &route.peer,
+                },
+                p.spooled,
+            ));
+            files.push((p.c, p.len, p.mtime));
+        }
+        for ((t, _), (c, _, _)) in items.iter_mut().zip(&files) {
+            t.source_name = &c.entry.name;
+        }
+        let ids = match store.commit_taken_batch(items) {
+            Ok(ids) => ids,
+            Err(e) => {
+                let key = "takefail:journal";
+                if self.warned.first(key) {
+                    tracing::error!(endpoint = %self.name, "cannot take {} file(s) (they stay in place; retried every pass): {e}", files.len());
+                }
+                report.failed += files.len() as u64;
+                return;
+            }
+        };
+        self.warned.forget("takefail:journal");
+        crash_point("after-taken");
+        let mut done = Vec::with_capacity(ids.len());
+        for (id, (c, len, mtime)) in ids.into_iter().zip(&files) {
+            // debug: the one info line per package is "delivered" (README "Logs").
+            tracing::debug!(endpoint = %self.name, till = c.pos, kind = %c.kind, package = id, bytes = len, "taken {}", c.entry.name);
+            report.taken += 1;
+            // Rewritten since we read it (a writer reusing the name at once): what we took
+            // is the old content; the new one stays for the next pass.
+            let path = self.path(&c.entry.name);
+            if let Ok(m) = fs::metadata(&path) {
+                if m.len() != *len || m.modified().ok() != *mtime {
+                    tracing::info!(endpoint = %self.name, file = %c.entry.name, package = id, "changed after it was taken; the new content is left for the next pass");
+                    done.push(id);
+                    continue;
+                }
+            }
+            match self.remove_source_unsynced(&c.entry.name, id) {
+                Ok(()) => done.push(id),
+                Err(e) => {
+                    // source_pending: recover() finishes it.
+                    tracing::error!(endpoint = %self.name, file = %c.entry.name, package = id, "taken, but cannot remove the source (retried): {e:#}");
+                }
+            }
+        }
+        if let Err(e) = self.sync_source_dirs() {
+            tracing::error!(endpoint = %self.name, "cannot fsync after removing taken files (they are checked again on the next start): {e:#}");
+            return;
+        }
+        crash_point("after-source-removed");
+        if let Err(e) = store.mark_source_done_batch(&done) {
+            tracing::error!(endpoint = %self.name, "{e}");
+        }
+    }
+
+    /// Deletes a consumed file, or moves it to the archive directory, and fsyncs.
     fn remove_source(&self, name: &str, id: i64) -> anyhow::Result<()> {
+        self.remove_source_unsynced(name, id)?;
+        self.sync_source_dirs()
+    }
+
+    /// Deletes a consumed file, or moves it to the archive directory; the caller fsyncs
+    /// the directories ([`DirEndpoint::sync_source_dirs`]).
+    fn remove_source_unsynced(&self, name: &str, id: i64) -> anyhow::Result<()> {
         let path = self.path(name);
         match &self.config.archive {
             Some(archive) => {
@@ -326,7 +439,6 @@ impl DirEndpoint {
                     fs::remove_file(&path)
                         .with_context(|| format!("cannot delete {}", path.display()))?;
                 }
-                sync_dir(archive).ok();
             }
             None => match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -336,8 +448,16 @@ impl DirEndpoint {
                 }
             },
         }
-        sync_dir(&self.config.path).ok();
         Ok(())
+    }
+
+    /// fsyncs the exchange directory (and the archive) after sources were removed.
+    fn sync_source_dirs(&self) -> anyhow::Result<()> {
+        if let Some(archive) = &self.config.archive {
+            sync_dir(archive).ok();
+        }
+        sync_dir(&self.config.path)
+            .with_context(|| format!("cannot fsync {}", self.config.path.display()))
     }
 
     // ---------------------------------------------------------------- writing
@@ -534,6 +654,23 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// Copies with a buffer of up to 1 MiB, sized to the file (io::copy's 8 KiB means 128
+/// writes and hash updates per MiB of a big package).
+fn copy_big(from: &mut File, to: &mut impl Write, len: u64) -> io::Result<u64> {
+    let mut buf = vec![0u8; (len as usize).clamp(8 << 10, 1 << 20)];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
 }
 
 fn copy_durably(from: &Path, to: &Path) -> anyhow::Result<()> {

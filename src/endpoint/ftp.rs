@@ -8,22 +8,24 @@
 //! still present; each is downloaded in binary mode into the spool, its byte count checked
 //! against the listing, fsync'd and journaled, and only then DELE'd.
 //!
-//! Writing: the next free `.$n` above the highest listed; upload to `.kkm-bridge.<random>.tmp`
-//! (no reader matches a leading dot), check the transfer's final reply and SIZE, journal
-//! the temp and final names, RNFR/RNTO, journal "delivered". A refused rename deletes the
-//! temp file and leaves the package queued. Single-file mode writes only when the file is
-//! absent or (spr) its line 2 is `@`.
+//! Writing: one listing per pass; the next free `.$n` above the highest listed; upload to
+//! `.kkm-bridge.<random>.tmp` (no reader matches a leading dot), check the transfer's final
+//! reply and SIZE, journal the temp and final names, RNFR/RNTO, journal "delivered" — per
+//! batch of one till's packages (`FtpEndpoint::deliver_batch`). A refused rename deletes
+//! the temp file and leaves the package queued. Single-file mode writes only when the file
+//! is absent or (spr) its line 2 is `@`. Up to `connections` sessions write at once, each
+//! taking whole tills, so a till's packages are renamed into place in order.
 //!
 //! Connections: at most `connections` at a time, each logged in, `TYPE I`, in the directory
 //! of the URL; every command and every transfer chunk has the `timeout`; a connection that
-//! saw any error is dropped, never reused. Failing to connect puts the endpoint in the
+//! saw any error other than a plain negative reply is dropped, never reused. Failing to connect puts the endpoint in the
 //! "unreachable" state with exponential backoff (1 s … 30 s); the state change is logged once
 //! each way, and meanwhile passes report the endpoint as failing without touching anything.
 //! A connection lost mid-operation is logged once and reconnected on the next use.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use suppaftp::tokio::AsyncRustlsConnector;
@@ -33,6 +35,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{DeliverReport, Role, Routes, TakeReport, WarnOnce};
 use crate::config::FtpConfig;
+use crate::failpoint::crash_point;
 use crate::package::{is_temp_name, spr_marked_loaded, temp_name, Kind, NamePattern, Package};
 use crate::store::Store;
 
@@ -42,6 +45,8 @@ pub type AsyncFtpStream = suppaftp::tokio::AsyncRustlsFtpStream;
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const CHUNK: usize = 64 * 1024;
+/// Uploads read spool files in chunks of this size.
+const FILE_CHUNK: usize = 1 << 20;
 
 /// Where to connect, from the endpoint's `url` (`ftp://user[:password]@host[:port]/dir`).
 /// The directory is relative to the login directory, as in RFC 1738 and curl; write
@@ -244,8 +249,11 @@ impl FtpFail {
         match self {
             FtpFail::Unreachable(_) | FtpFail::Timeout { .. } => true,
             FtpFail::Cmd { source, .. } => match source {
+                // vsftpd ends a session it cannot go on with by "500 OOPS: …" and
+                // closes it (e.g. no passive port left to bind).
                 FtpError::UnexpectedResponse(r) => {
                     matches!(r.status.code(), 421 | 425 | 426)
+                        || String::from_utf8_lossy(&r.body).contains("OOPS")
                 }
                 FtpError::ConnectionError(_) | FtpError::BadResponse => true,
                 _ => false,
@@ -450,40 +458,57 @@ impl Session<'_> {
         Ok(total)
     }
 
-    /// STOR `name` from the package's payload; checks the final reply.
+    /// STOR `name` from the package's payload; checks the final reply. An inline payload
+    /// is one write; a spool file is read on the blocking pool, 1 MiB at a time and one
+    /// chunk ahead, so that reading the disk and sending overlap.
     async fn stor(
         &mut self,
         name: &str,
         pkg: &Package,
         payload: crate::store::Payload,
     ) -> Result<u64, FtpFail> {
-        let mut src = payload.into_async();
         let mut stream = cmd!(self, format!("STOR {name}"), |f| f.put_with_stream(name))?;
-        let mut buf = vec![0u8; CHUNK];
         let mut total = 0u64;
-        loop {
-            let n = src.read(&mut buf).await.map_err(|e| {
-                anyhow::Error::new(e)
-                    .context(format!("cannot read the payload of {}", pkg.describe()))
-            });
-            let n = match n {
-                Ok(n) => n,
-                Err(e) => {
-                    self.broken();
-                    return Err(e.into());
-                }
-            };
-            if n == 0 {
-                break;
+        match payload {
+            crate::store::Payload::Inline(c) => {
+                let bytes = c.into_inner();
+                self.transfer_step(|| format!("STOR {name}"), async {
+                    stream
+                        .write_all(&bytes)
+                        .await
+                        .map_err(FtpError::ConnectionError)
+                })
+                .await?;
+                total = bytes.len() as u64;
             }
-            self.transfer_step(|| format!("STOR {name} (after {total} bytes)"), async {
-                stream
-                    .write_all(&buf[..n])
-                    .await
-                    .map_err(FtpError::ConnectionError)
-            })
-            .await?;
-            total += n as u64;
+            crate::store::Payload::File(f) => {
+                let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(2);
+                // Sent buffers go back to the reader: no 1 MiB allocation (and zeroing)
+                // per chunk.
+                let (back, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+                tokio::task::spawn_blocking(move || read_chunks(f, tx, spare));
+                while let Some(chunk) = rx.recv().await {
+                    let chunk = match chunk {
+                        Ok(c) => c,
+                        Err(e) => {
+                            self.broken();
+                            return Err(FtpFail::Other(anyhow::Error::new(e).context(format!(
+                                "cannot read the payload of {}",
+                                pkg.describe()
+                            ))));
+                        }
+                    };
+                    self.transfer_step(|| format!("STOR {name} (after {total} bytes)"), async {
+                        stream
+                            .write_all(&chunk)
+                            .await
+                            .map_err(FtpError::ConnectionError)
+                    })
+                    .await?;
+                    total += chunk.len() as u64;
+                    let _ = back.try_send(chunk);
+                }
+            }
         }
         self.transfer_step(|| format!("STOR {name} (final reply)"), stream.finish())
             .await?;
@@ -497,6 +522,12 @@ impl Session<'_> {
             Err(e) if e.code() == Some(550) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// RNFR/RNTO.
+    async fn rename(&mut self, from: &str, to: &str) -> Result<(), FtpFail> {
+        cmd!(self, format!("RNFR {from} / RNTO {to}"), |f| f
+            .rename(from, to))
     }
 
     /// DELE; Ok(false) when the file is already gone (550).
@@ -959,6 +990,9 @@ impl FtpEndpoint {
                 }
             }
         }
+        if let Err(e) = store.sync_lazy() {
+            tracing::warn!(endpoint = %self.name, "{e}");
+        }
         Ok(report)
     }
 
@@ -1020,16 +1054,24 @@ impl FtpEndpoint {
         // The package is durable: now the server may forget the file. If DELE fails, the
         // source_pending row makes recover() finish it.
         s.dele(&c.entry.name).await?;
-        store.mark_source_done(id)?;
+        // Lazy (made durable at the end of the pass): if a power cut loses it, recover()
+        // finds the file gone, or compares its bytes, and marks it again.
+        store.mark_source_done_batch(&[id])?;
         lock(&self.seen).remove(&c.entry.name);
         Ok(true)
     }
 
     // ------------------------------------------------------------ writing
 
+    /// Writes a link's queue (ordered by till, then id; PROTOCOL.md §3.1).
+    ///
+    /// One listing, then up to `connections` sessions at once, each taking whole tills from
+    /// one shared list: all packages of a till are written by one session, in order, so
+    /// package k+1 of a till never gets its final name before package k. Per till, packages
+    /// go in batches (`FtpEndpoint::deliver_batch`).
     pub async fn deliver(
         &self,
-        store: &Store,
+        store: &Arc<Store>,
         queue: Vec<Package>,
         dry_run: bool,
     ) -> anyhow::Result<DeliverReport> {
@@ -1047,139 +1089,395 @@ impl FtpEndpoint {
             }
             Err(e) => anyhow::bail!("endpoint {}: {e}", self.name),
         };
-        let mut present: HashMap<String, Entry> = HashMap::new();
-        let mut highest: HashMap<(u32, Kind), u32> = HashMap::new();
+        let mut names = Names::default();
         for e in listing {
             if let Some((kind, pos, Some(n))) = self.parse(&e.name) {
-                let h = highest.entry((pos, kind)).or_insert(0);
+                let h = names.highest.entry((pos, kind)).or_insert(0);
                 *h = (*h).max(n);
             }
-            present.insert(e.name.clone(), e);
+            names.present.insert(e.name.clone(), e);
         }
-        let mut blocked: HashSet<u32> = HashSet::new();
-        let mut down = false;
-        for pkg in queue {
-            if down {
-                report.failed += 1;
-                continue;
-            }
-            if blocked.contains(&pkg.pos) {
-                report.busy += 1;
-                continue;
-            }
-            if dry_run {
-                let name = self.final_name(&pkg, &highest, &present);
+        if dry_run {
+            for pkg in queue {
+                let (name, n) = self.final_name(&pkg, &names, None);
                 report.planned.push(format!(
                     "deliver {} to {}/{}",
                     pkg.describe(),
                     self.name,
                     name
                 ));
-                if let Some(n) = self
-                    .config
-                    .numbered
-                    .then(|| highest.entry((pkg.pos, pkg.kind)).or_insert(0))
-                {
-                    *n += 1;
-                }
-                continue;
-            }
-            match self
-                .deliver_one(&mut s, store, &pkg, &mut highest, &mut present)
-                .await
-            {
-                Ok(true) => report.delivered += 1,
-                Ok(false) => {
-                    report.busy += 1;
-                    blocked.insert(pkg.pos);
-                }
-                Err(e) => {
-                    self.report_fail(&e, &format!("cannot deliver {}", pkg.describe()));
-                    report.failed += 1;
-                    blocked.insert(pkg.pos);
-                    if e.is_connection() {
-                        down = true;
-                    }
+                if let Some(n) = n {
+                    names.highest.insert((pkg.pos, pkg.kind), n);
                 }
             }
+            return Ok(report);
+        }
+        let mut tills: VecDeque<Vec<Package>> = VecDeque::new();
+        for pkg in queue {
+            match tills.back_mut() {
+                Some(t) if t[0].pos == pkg.pos => t.push(pkg),
+                _ => tills.push_back(vec![pkg]),
+            }
+        }
+        let sessions = (self.config.connections.max(1) as usize).min(tills.len());
+        let shared = Shared {
+            tills: Mutex::new(tills),
+            names: Mutex::new(names),
+        };
+        let mut first = Some(s);
+        let workers: Vec<_> = (0..sessions)
+            .map(|_| self.deliver_worker(first.take(), store, &shared))
+            .collect();
+        for r in futures_util::future::join_all(workers).await {
+            report.delivered += r.delivered;
+            report.busy += r.busy;
+            report.failed += r.failed;
+        }
+        // Tills no session got to (every session lost its connection): next pass.
+        report.failed += lock(&shared.tills)
+            .iter()
+            .map(|t| t.len() as u64)
+            .sum::<u64>();
+        let st = store.clone();
+        match tokio::task::spawn_blocking(move || st.sync_lazy()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(endpoint = %self.name, "{e}"),
+            Err(e) => tracing::warn!(endpoint = %self.name, "journal fsync: {e}"),
         }
         Ok(report)
     }
 
-    /// The next free name from the listing: numbered = first number above the highest
-    /// present that is not present.
+    /// One session's share of a delivery pass: whole tills from the shared list until it
+    /// is empty, or until this session's connection fails (the other sessions go on).
+    async fn deliver_worker(
+        &self,
+        first: Option<Session<'_>>,
+        store: &Arc<Store>,
+        shared: &Shared,
+    ) -> DeliverReport {
+        let mut report = DeliverReport::default();
+        let mut s = match first {
+            Some(s) => s,
+            None => self.session().await,
+        };
+        loop {
+            let Some(till) = lock(&shared.tills).pop_front() else {
+                break;
+            };
+            if self
+                .deliver_till(&mut s, store, till, &shared.names, &mut report)
+                .await
+            {
+                break;
+            }
+        }
+        report
+    }
+
+    /// The final name for `pkg`: numbered = the first number above the highest present
+    /// (and above `above`, the last number planned for the same till and kind in this
+    /// batch) that is not present; single-file = the name without suffix.
     fn final_name(
         &self,
         pkg: &Package,
-        highest: &HashMap<(u32, Kind), u32>,
-        present: &HashMap<String, Entry>,
-    ) -> String {
+        names: &Names,
+        above: Option<u32>,
+    ) -> (String, Option<u32>) {
         let pattern = self.pattern(pkg.kind);
         if self.config.numbered {
-            let mut n = highest.get(&(pkg.pos, pkg.kind)).copied().unwrap_or(0) + 1;
-            while present.contains_key(&pattern.render(pkg.pos, Some(n))) {
+            let highest = names
+                .highest
+                .get(&(pkg.pos, pkg.kind))
+                .copied()
+                .unwrap_or(0);
+            let mut n = highest.max(above.unwrap_or(0)) + 1;
+            while names
+                .present
+                .contains_key(&pattern.render(pkg.pos, Some(n)))
+            {
                 n += 1;
             }
-            pattern.render(pkg.pos, Some(n))
+            (pattern.render(pkg.pos, Some(n)), Some(n))
         } else {
-            pattern.render(pkg.pos, None)
+            (pattern.render(pkg.pos, None), None)
         }
     }
 
-    /// Writes one package. Ok(false): the destination is busy (unconsumed single file).
-    async fn deliver_one(
+    /// Writes one till's packages in order, in batches, and stops at the first one that
+    /// cannot be written now (the rest wait: order). Returns true when this session's
+    /// connection failed.
+    async fn deliver_till(
         &self,
         s: &mut Session<'_>,
-        store: &Store,
-        pkg: &Package,
-        highest: &mut HashMap<(u32, Kind), u32>,
-        present: &mut HashMap<String, Entry>,
-    ) -> Result<bool, FtpFail> {
-        let final_name = self.final_name(pkg, highest, present);
-        if !self.config.numbered {
-            if let Some(e) = present.get(&final_name) {
-                let free = if pkg.kind == Kind::Spr && e.is_file {
-                    let mut bytes = Vec::new();
-                    s.retr_into(&final_name, &mut bytes).await?;
-                    spr_marked_loaded(&bytes)
-                } else {
-                    false
-                };
-                if !free {
-                    if self.warned.first(&format!("busy:{final_name}")) {
-                        tracing::info!(endpoint = %self.name, file = %final_name, till = pkg.pos, package = pkg.id, "waiting: the till has not consumed {final_name} yet");
+        store: &Arc<Store>,
+        pkgs: Vec<Package>,
+        names: &Mutex<Names>,
+        report: &mut DeliverReport,
+    ) -> bool {
+        let total = pkgs.len() as u64;
+        let mut done = 0u64;
+        let mut rest = pkgs.into_iter().peekable();
+        while rest.peek().is_some() {
+            let batch = if self.config.numbered {
+                let names = lock(names);
+                let mut batch: Vec<Planned> = Vec::new();
+                let mut bytes = 0u64;
+                while let Some(next) = rest.peek() {
+                    if batch.len() >= BATCH_MAX
+                        || (!batch.is_empty() && bytes + next.size > BATCH_BYTES)
+                    {
+                        break;
                     }
-                    return Ok(false);
+                    let pkg = rest.next().expect("peeked");
+                    let above = batch
+                        .iter()
+                        .rev()
+                        .find(|p| p.pkg.kind == pkg.kind)
+                        .and_then(|p| p.n);
+                    let (final_name, n) = self.final_name(&pkg, &names, above);
+                    bytes += pkg.size;
+                    batch.push(Planned { pkg, final_name, n });
+                }
+                batch
+            } else {
+                let pkg = rest.next().expect("peeked");
+                let (final_name, _) = self.final_name(&pkg, &lock(names), None);
+                let present = lock(names).present.get(&final_name).cloned();
+                match self.single_file_free(s, &pkg, &final_name, present).await {
+                    Ok(true) => vec![Planned {
+                        pkg,
+                        final_name,
+                        n: None,
+                    }],
+                    Ok(false) => {
+                        report.busy += total - done;
+                        return false;
+                    }
+                    Err(e) => {
+                        self.report_fail(&e, &format!("cannot deliver {}", pkg.describe()));
+                        report.failed += 1;
+                        report.busy += total - done - 1;
+                        return e.is_connection();
+                    }
+                }
+            };
+            let outcome = self.deliver_batch(s, store, batch, names).await;
+            done += outcome.delivered;
+            report.delivered += outcome.delivered;
+            if let Some((e, what)) = outcome.failed {
+                self.report_fail(&e, &format!("cannot deliver {what}"));
+                report.failed += 1;
+                report.busy += total - done - 1;
+                return e.is_connection();
+            }
+        }
+        false
+    }
+
+    /// Single-file mode: the name is free when absent, or (spr) when the present file's
+    /// line 2 says loaded. Never overwrite unconsumed data.
+    async fn single_file_free(
+        &self,
+        s: &mut Session<'_>,
+        pkg: &Package,
+        name: &str,
+        present: Option<Entry>,
+    ) -> Result<bool, FtpFail> {
+        let key = format!("busy:{name}");
+        if let Some(e) = present {
+            let free = if pkg.kind == Kind::Spr && e.is_file {
+                let mut bytes = Vec::new();
+                s.retr_into(name, &mut bytes).await?;
+                spr_marked_loaded(&bytes)
+            } else {
+                false
+            };
+            if !free {
+                if self.warned.first(&key) {
+                    tracing::info!(endpoint = %self.name, file = %name, till = pkg.pos, package = pkg.id, "waiting: the till has not consumed {name} yet");
+                }
+                return Ok(false);
+            }
+        }
+        self.warned.forget(&key);
+        Ok(true)
+    }
+
+    /// Writes a batch of one till's packages (in order):
+    /// 1. each is uploaded to its own temp name, its final reply and SIZE checked;
+    /// 2. one durable journal commit records every temp and final name ("delivering");
+    /// 3. RNFR/RNTO each in order; the first refusal stops the batch, and the rest are
+    ///    reset to "taken" (durably, before their temps are removed);
+    /// 4. one lazy journal commit records the renamed ones as delivered.
+    ///
+    /// A crash at any point leaves either temps no journal row names (removed on the next
+    /// start; the packages are still "taken") or "delivering" rows, which recovery settles
+    /// by the temp: gone = renamed = delivered, present = not renamed = written again. The
+    /// renamed ones are always a prefix of the batch, so order holds across a crash too.
+    async fn deliver_batch(
+        &self,
+        s: &mut Session<'_>,
+        store: &Arc<Store>,
+        batch: Vec<Planned>,
+        names: &Mutex<Names>,
+    ) -> BatchOutcome {
+        let pkgs: Vec<Package> = batch.iter().map(|p| p.pkg.clone()).collect();
+        let st = store.clone();
+        let payloads = match tokio::task::spawn_blocking(move || {
+            pkgs.iter().map(|p| st.payload(p)).collect::<Vec<_>>()
+        })
+        .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                return BatchOutcome::failed(
+                    FtpFail::Other(anyhow::anyhow!("reading payloads: {e}")),
+                    batch[0].pkg.describe(),
+                )
+            }
+        };
+        // 1. Upload.
+        let mut uploaded: Vec<(Planned, String)> = Vec::with_capacity(batch.len());
+        let mut upload_fail = None;
+        for (p, payload) in batch.into_iter().zip(payloads) {
+            let payload = match payload {
+                Ok(payload) => payload,
+                Err(e) => {
+                    let what = p.pkg.describe();
+                    upload_fail = Some((
+                        FtpFail::Other(
+                            anyhow::Error::new(e)
+                                .context(format!("cannot read the payload of {what}")),
+                        ),
+                        what,
+                    ));
+                    break;
+                }
+            };
+            let tmp = temp_name();
+            match self.upload(s, &tmp, &p.pkg, payload).await {
+                Ok(()) => uploaded.push((p, tmp)),
+                Err(e) => {
+                    upload_fail = Some((e, p.pkg.describe()));
+                    break;
                 }
             }
-            self.warned.forget(&format!("busy:{final_name}"));
-        } else if s.size(&final_name).await?.is_some() {
-            // Written by someone else since our listing: never overwrite it.
-            present.insert(
-                final_name.clone(),
-                Entry {
-                    name: final_name.clone(),
-                    size: 0,
-                    is_file: true,
-                },
-            );
-            return Err(FtpFail::Other(anyhow::anyhow!(
-                "{final_name} appeared since the listing; the next pass picks another number"
-            )));
         }
-        let tmp = temp_name();
-        let payload = store.payload(pkg).map_err(|e| {
-            FtpFail::Other(
-                anyhow::Error::new(e)
-                    .context(format!("cannot read the payload of {}", pkg.describe())),
-            )
-        })?;
-        let sent = match s.stor(&tmp, pkg, payload).await {
+        if uploaded.is_empty() {
+            return BatchOutcome {
+                delivered: 0,
+                failed: upload_fail,
+            };
+        }
+        // 2. Journal "delivering" (durable: it is what tells a crash after a rename apart).
+        let rows: Vec<(i64, String, String)> = uploaded
+            .iter()
+            .map(|(p, tmp)| (p.pkg.id, p.final_name.clone(), tmp.clone()))
+            .collect();
+        if let Err(e) = blocking(store, move |st| st.mark_delivering_batch(&rows)).await {
+            for (_, tmp) in &uploaded {
+                if s.dele(tmp).await.is_err() {
+                    lock(&self.orphans).push(tmp.clone());
+                }
+            }
+            return BatchOutcome::failed(e, uploaded[0].0.pkg.describe());
+        }
+        crash_point("after-delivering");
+        // 3. Rename, in order.
+        let mut renamed = 0usize;
+        let mut rename_fail = None;
+        for (p, tmp) in &uploaded {
+            let final_name = p.final_name.as_str();
+            match s.rename(tmp, final_name).await {
+                Ok(()) => {
+                    renamed += 1;
+                    crash_point("after-rename");
+                }
+                Err(e) if e.is_connection() => {
+                    // Whether this rename happened is unknown: recover() decides by the
+                    // temps of this one and of the rest, all journaled "delivering".
+                    rename_fail = Some((e, p.pkg.describe()));
+                    break;
+                }
+                Err(e) => {
+                    // Refused (e.g. 553): this one and the rest wait for the next pass, and
+                    // leave nothing behind. The journal is reset before the temps go: once a
+                    // temp is gone, "delivering" would read as done after a crash.
+                    let ids: Vec<i64> = uploaded[renamed..].iter().map(|(p, _)| p.pkg.id).collect();
+                    match blocking(store, move |st| st.reset_to_taken_batch(&ids)).await {
+                        Ok(()) => {
+                            for (_, t) in &uploaded[renamed..] {
+                                if let Err(e2) = s.dele(t).await {
+                                    tracing::warn!(endpoint = %self.name, file = %t, "cannot delete the temp file after a refused rename (removed on a later pass): {e2}");
+                                    lock(&self.orphans).push(t.clone());
+                                }
+                            }
+                        }
+                        Err(e3) => {
+                            // Still "delivering" with their temps: recover() resets them.
+                            tracing::error!(endpoint = %self.name, "{e3}");
+                        }
+                    }
+                    rename_fail = Some((e, p.pkg.describe()));
+                    break;
+                }
+            }
+        }
+        // 4. Journal "delivered" (lazy: recovery would find these temps gone).
+        let done = &uploaded[..renamed];
+        let rows: Vec<(i64, Option<String>, Option<i64>)> = done
+            .iter()
+            .map(|(p, _)| (p.pkg.id, Some(p.final_name.clone()), p.n.map(i64::from)))
+            .collect();
+        if let Err(e) = blocking(store, move |st| st.mark_delivered_batch(&rows)).await {
+            // They are in place; recover() journals them on the next pass.
+            tracing::error!(endpoint = %self.name, "{e}");
+        }
+        {
+            let mut names = lock(names);
+            for (p, _) in done {
+                if let Some(n) = p.n {
+                    names.highest.insert((p.pkg.pos, p.pkg.kind), n);
+                }
+                names.present.insert(
+                    p.final_name.clone(),
+                    Entry {
+                        name: p.final_name.clone(),
+                        size: p.pkg.size,
+                        is_file: true,
+                    },
+                );
+            }
+        }
+        for (p, _) in done {
+            let pkg = &p.pkg;
+            tracing::info!(endpoint = %self.name, link = %pkg.link, till = pkg.pos, kind = %pkg.kind, package = pkg.id, bytes = pkg.size, "delivered {}", p.final_name);
+        }
+        BatchOutcome {
+            delivered: renamed as u64,
+            failed: rename_fail.or(upload_fail),
+        }
+    }
+
+    /// STOR to `tmp`, then checks it: our byte count, the final reply (in `stor`), and the
+    /// server's SIZE of the temp. The SIZE check stays although the final reply already
+    /// says "complete": a server that ignores `TYPE I` (line ends converted) or a data
+    /// connection cut by a middlebox with a clean FIN both end in `226` with other bytes
+    /// on the server, and a till must never load a truncated price list. It is one round
+    /// trip per package. On failure the temp is removed now, or on a later pass.
+    async fn upload(
+        &self,
+        s: &mut Session<'_>,
+        tmp: &str,
+        pkg: &Package,
+        payload: crate::store::Payload,
+    ) -> Result<(), FtpFail> {
+        let sent = match s.stor(tmp, pkg, payload).await {
             Ok(n) => n,
             Err(e) => {
                 // Delete the partial temp now if the connection still works, else later.
-                if s.dele(&tmp).await.is_err() {
-                    lock(&self.orphans).push(tmp.clone());
+                if s.dele(tmp).await.is_err() {
+                    lock(&self.orphans).push(tmp.to_string());
                 }
                 return Err(e);
             }
@@ -1187,7 +1485,7 @@ impl FtpEndpoint {
         let check = if sent != pkg.size {
             Err(format!("sent {sent} bytes, the package has {}", pkg.size))
         } else {
-            match s.size(&tmp).await {
+            match s.size(tmp).await {
                 Ok(Some(n)) if n == pkg.size => Ok(()),
                 Ok(Some(n)) => Err(format!("the server has {n} bytes of {}", pkg.size)),
                 Ok(None) => Err("the uploaded temp file is gone".into()),
@@ -1199,52 +1497,106 @@ impl FtpEndpoint {
             }
         };
         if let Err(why) = check {
-            if s.dele(&tmp).await.is_err() {
-                lock(&self.orphans).push(tmp.clone());
+            if s.dele(tmp).await.is_err() {
+                lock(&self.orphans).push(tmp.to_string());
             }
             return Err(FtpFail::Other(anyhow::anyhow!(
                 "upload of {tmp} incomplete: {why}"
             )));
         }
-        store.mark_delivering(pkg.id, &final_name, &tmp)?;
-        if let Err(e) = cmd!(s, format!("RNFR {tmp} / RNTO {final_name}"), |f| f
-            .rename(tmp.as_str(), final_name.as_str()))
-        {
-            if e.is_connection() {
-                // Whether the rename happened is unknown: recover() decides by the temp.
-                return Err(e);
-            }
-            // Refused (e.g. 553): retry next pass, leave nothing behind. The journal is
-            // reset before the temp goes: once the temp is gone, "delivering" would read
-            // as done after a crash.
-            store.reset_to_taken(pkg.id)?;
-            if let Err(e2) = s.dele(&tmp).await {
-                tracing::warn!(endpoint = %self.name, file = %tmp, "cannot delete the temp file after a refused rename (removed on a later pass): {e2}");
-                lock(&self.orphans).push(tmp.clone());
-            }
-            return Err(e);
+        Ok(())
+    }
+}
+
+/// At most this many packages per batch (one "delivering" commit each)...
+const BATCH_MAX: usize = 32;
+/// ...and at most this many bytes, unless one package alone is bigger: what a failure in
+/// the middle of a batch has to upload again.
+const BATCH_BYTES: u64 = 16 << 20;
+
+/// The names on the server as one delivery pass knows them: the pass's listing plus what
+/// the pass renamed into place.
+#[derive(Default)]
+struct Names {
+    present: HashMap<String, Entry>,
+    /// The highest `.$n` per till and kind.
+    highest: HashMap<(u32, Kind), u32>,
+}
+
+/// What the sessions of one delivery pass share.
+struct Shared {
+    /// Tills not started yet, each with its queued packages in order.
+    tills: Mutex<VecDeque<Vec<Package>>>,
+    names: Mutex<Names>,
+}
+
+/// A package and the name it is to get.
+struct Planned {
+    pkg: Package,
+    final_name: String,
+    n: Option<u32>,
+}
+
+/// What a batch did: how many were delivered (a prefix of the batch), and the first
+/// package that was not, with why.
+struct BatchOutcome {
+    delivered: u64,
+    failed: Option<(FtpFail, String)>,
+}
+
+impl BatchOutcome {
+    fn failed(e: FtpFail, what: String) -> BatchOutcome {
+        BatchOutcome {
+            delivered: 0,
+            failed: Some((e, what)),
         }
-        let n = if self.config.numbered {
-            self.pattern(pkg.kind)
-                .parse(&final_name, true)
-                .and_then(|p| p.n)
-        } else {
-            None
-        };
-        store.mark_delivered(pkg.id, Some(&final_name), n.map(i64::from))?;
-        if let Some(n) = n {
-            highest.insert((pkg.pos, pkg.kind), n);
+    }
+}
+
+/// Runs a journal step on the blocking pool (a durable commit waits for an fsync; the
+/// other sessions go on meanwhile).
+async fn blocking(
+    store: &Arc<Store>,
+    f: impl FnOnce(&Store) -> crate::store::Result<()> + Send + 'static,
+) -> Result<(), FtpFail> {
+    let st = store.clone();
+    match tokio::task::spawn_blocking(move || f(&st)).await {
+        Ok(r) => r.map_err(FtpFail::from),
+        Err(e) => Err(FtpFail::Other(anyhow::anyhow!("journal step: {e}"))),
+    }
+}
+
+/// Reads a spool file in chunks of [`FILE_CHUNK`] into `tx` (on the blocking pool), in
+/// buffers the sender hands back through `spare` when it can; stops at the end, at an
+/// error (sent on), or when the receiver is gone.
+fn read_chunks(
+    mut f: std::fs::File,
+    tx: tokio::sync::mpsc::Sender<std::io::Result<Vec<u8>>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+) {
+    use std::io::Read;
+    loop {
+        let mut buf = spare.try_recv().unwrap_or_default();
+        buf.resize(FILE_CHUNK, 0);
+        let mut n = 0;
+        while n < buf.len() {
+            match f.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
         }
-        present.insert(
-            final_name.clone(),
-            Entry {
-                name: final_name.clone(),
-                size: pkg.size,
-                is_file: true,
-            },
-        );
-        tracing::info!(endpoint = %self.name, link = %pkg.link, till = pkg.pos, kind = %pkg.kind, package = pkg.id, bytes = pkg.size, "delivered {final_name}");
-        Ok(true)
+        if n == 0 {
+            return;
+        }
+        buf.truncate(n);
+        if tx.blocking_send(Ok(buf)).is_err() {
+            return;
+        }
     }
 }
 

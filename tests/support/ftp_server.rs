@@ -208,6 +208,21 @@ impl Server {
         out
     }
 
+    /// Several files over one session.
+    pub async fn get_many(&self, names: &[String]) -> Vec<Vec<u8>> {
+        let mut f = self.client().await;
+        let mut all = Vec::new();
+        for name in names {
+            let mut r = f.retr_as_stream(name).await.unwrap();
+            let mut out = Vec::new();
+            r.read_to_end(&mut out).await.unwrap();
+            r.finish().await.unwrap();
+            all.push(out);
+        }
+        let _ = f.quit().await;
+        all
+    }
+
     /// Every file name in the directory, dot files included, sorted.
     pub async fn names(&self) -> Vec<String> {
         let mut f = self.client().await;
@@ -511,4 +526,140 @@ pub async fn on_vsftpd(s: Scenario) {
     server.clear().await;
     s(&mut server).await;
     server.clear().await;
+}
+
+// ------------------------------------------------------------------ a control-port proxy
+
+/// A TCP proxy in front of an FTP server's control port (data connections go to the
+/// server directly: its PASV replies name itself). It counts the sessions open at once,
+/// logs every command with its session, and can drop the session that sends a given
+/// command, like a server or a network that ends one session mid-way.
+pub struct Proxy {
+    pub port: u16,
+    pub state: Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+pub struct ProxyState {
+    pub open: std::sync::atomic::AtomicUsize,
+    pub max_open: std::sync::atomic::AtomicUsize,
+    /// (session, command line), in the order the proxy saw them.
+    pub commands: std::sync::Mutex<Vec<(usize, String)>>,
+    /// Drop the session that sends the `drop_nth`-th command starting with `drop_prefix`
+    /// (1-based; 0 = never); with `drop_after_forward`, the command reaches the server
+    /// first and only its reply is lost.
+    pub drop_prefix: std::sync::Mutex<String>,
+    pub drop_nth: std::sync::atomic::AtomicUsize,
+    pub drop_after_forward: std::sync::atomic::AtomicBool,
+    pub seen: std::sync::atomic::AtomicUsize,
+    pub dropped: std::sync::atomic::AtomicUsize,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Proxy {
+    pub async fn start(target_port: u16) -> Proxy {
+        use std::sync::atomic::Ordering::SeqCst;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState::default());
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let mut next_id = 0usize;
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                next_id += 1;
+                let id = next_id;
+                let st = st.clone();
+                tokio::spawn(async move {
+                    let Ok(server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
+                    else {
+                        return;
+                    };
+                    let now = st.open.fetch_add(1, SeqCst) + 1;
+                    st.max_open.fetch_max(now, SeqCst);
+                    let (cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let s2c = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    });
+                    let mut lines = tokio::io::BufReader::new(cr);
+                    loop {
+                        let mut line = Vec::new();
+                        match tokio::io::AsyncBufReadExt::read_until(&mut lines, b'\n', &mut line)
+                            .await
+                        {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
+                        }
+                        let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                        st.commands.lock().unwrap().push((id, text.clone()));
+                        let prefix = st.drop_prefix.lock().unwrap().clone();
+                        let nth = st.drop_nth.load(SeqCst);
+                        if nth > 0
+                            && !prefix.is_empty()
+                            && text.starts_with(&prefix)
+                            && st.seen.fetch_add(1, SeqCst) + 1 == nth
+                        {
+                            s2c.abort();
+                            if st.drop_after_forward.load(SeqCst) {
+                                let _ = sw.write_all(&line).await;
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                            st.dropped.fetch_add(1, SeqCst);
+                            break;
+                        }
+                        if sw.write_all(&line).await.is_err() {
+                            break;
+                        }
+                    }
+                    s2c.abort();
+                    st.open.fetch_sub(1, SeqCst);
+                });
+            }
+        });
+        Proxy { port, state, task }
+    }
+
+    /// The server's URL with the proxy's port.
+    pub fn url(&self, server_url: &str) -> String {
+        let (head, rest) = server_url.rsplit_once('@').unwrap();
+        let (_, path) = rest.split_once('/').unwrap();
+        format!("{head}@127.0.0.1:{}/{path}", self.port)
+    }
+
+    /// Drops the session that sends the `nth` command starting with `prefix`.
+    pub fn drop_session_at(&self, prefix: &str, nth: usize, after_forward: bool) {
+        use std::sync::atomic::Ordering::SeqCst;
+        *self.state.drop_prefix.lock().unwrap() = prefix.to_string();
+        self.state.drop_after_forward.store(after_forward, SeqCst);
+        self.state.seen.store(0, SeqCst);
+        self.state.drop_nth.store(nth, SeqCst);
+    }
+
+    /// The targets of every RNTO, in the order they were sent.
+    pub fn renames(&self) -> Vec<String> {
+        self.state
+            .commands
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(_, c)| c.strip_prefix("RNTO ").map(str::to_string))
+            .collect()
+    }
+}
+
+/// The control port of a server URL.
+pub fn url_port(url: &str) -> u16 {
+    let rest = url.rsplit_once('@').unwrap().1;
+    let hostport = rest.split_once('/').unwrap().0;
+    hostport.rsplit_once(':').unwrap().1.parse().unwrap()
 }
