@@ -277,6 +277,9 @@ pub struct Counts {
 pub struct Store {
     dir: PathBuf,
     spool: PathBuf,
+    /// Files derived from payloads, never the only copy of anything: ReceiveData replies
+    /// of big packages (encoded once), ZIPs being unpacked. Emptied at open.
+    scratch: PathBuf,
     db_file: String,
     conn: Mutex<Connection>,
     /// The exclusive lock; `None` for a read-only store (`status`, `journal`).
@@ -430,6 +433,16 @@ impl Store {
 
         let spool = state_dir.join("spool");
         fs::create_dir_all(&spool).map_err(|e| io_err("cannot create spool/", e))?;
+        // Whatever a previous process left there (a reply cache, a half-written temp file)
+        // is derived from the store and can be made again.
+        let scratch = state_dir.join("tmp");
+        match fs::remove_dir_all(&scratch) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("cannot empty tmp/", e))
+            }
+            _ => {}
+        }
+        fs::create_dir_all(&scratch).map_err(|e| io_err("cannot create tmp/", e))?;
         let db_path = state_dir.join("journal.sqlite");
         let db_file = db_path.display().to_string();
         let sql = |source| StoreError::Sql {
@@ -456,6 +469,7 @@ impl Store {
         let store = Store {
             dir: state_dir.to_path_buf(),
             spool,
+            scratch,
             db_file,
             conn: Mutex::new(conn),
             _lock: Some(lock),
@@ -498,6 +512,7 @@ impl Store {
         Ok(Store {
             dir: state_dir.to_path_buf(),
             spool: state_dir.join("spool"),
+            scratch: state_dir.join("tmp"),
             db_file,
             conn: Mutex::new(conn),
             _lock: None,
@@ -558,6 +573,23 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where derived files go (see the `scratch` field); on the spool's file system.
+    pub fn scratch_dir(&self) -> &Path {
+        &self.scratch
+    }
+
+    /// The ReceiveData reply of package `id`, once encoded (`stream_codec::ReplyCache`).
+    /// Removed with the package's payload.
+    pub fn reply_cache_path(&self, id: i64) -> PathBuf {
+        self.scratch.join(format!("reply-{id}.json"))
+    }
+
+    /// Frees a package's payload file and what was derived from it.
+    fn free_payload_file(&self, id: i64, spool: &str) {
+        let _ = fs::remove_file(self.spool.join(spool));
+        let _ = fs::remove_file(self.reply_cache_path(id));
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -977,7 +1009,7 @@ impl Store {
             spool
         };
         if let Some(s) = spool {
-            let _ = fs::remove_file(self.spool.join(s));
+            self.free_payload_file(id, &s);
         }
         Ok(())
     }
@@ -1129,7 +1161,7 @@ impl Store {
             (spool, next)
         };
         if let Some(s) = spool {
-            let _ = fs::remove_file(self.spool.join(s));
+            self.free_payload_file(acked_id, &s);
         }
         Ok(next)
     }
@@ -1302,6 +1334,37 @@ mod tests {
         let _s = Store::open(d.path()).unwrap();
         assert!(!orphan.exists());
         assert!(kept.exists());
+    }
+
+    #[test]
+    fn derived_files_go_with_their_payload_and_all_at_open() {
+        let d = tempfile::tempdir().unwrap();
+        let (kept, tmp) = {
+            let s = Store::open(d.path()).unwrap();
+            let mut ids = Vec::new();
+            for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+                let sp = s.spool_bytes(&big(b'a' + i as u8)).unwrap();
+                ids.push(s.commit_taken(&taken(1, name), sp).unwrap());
+            }
+            for &id in &ids {
+                fs::write(s.reply_cache_path(id), b"{}").unwrap();
+            }
+            let tmp = s.scratch_dir().join(".kkm-bridge.0000000000000000.tmp");
+            fs::write(&tmp, b"half a reply").unwrap();
+            s.mark_delivered(ids[0], None, None).unwrap();
+            assert!(!s.reply_cache_path(ids[0]).exists(), "delivered: freed");
+            s.set_served("shop", 1, 5, Some(ids[1]), false).unwrap();
+            s.ack_served("shop", "l", 1, ids[1], 5, 6).unwrap();
+            assert!(!s.reply_cache_path(ids[1]).exists(), "acknowledged: freed");
+            assert!(s.reply_cache_path(ids[2]).exists(), "still queued: kept");
+            (s.reply_cache_path(ids[2]), tmp)
+        };
+        let s = Store::open(d.path()).unwrap();
+        assert!(
+            !kept.exists() && !tmp.exists(),
+            "derived, made again on demand"
+        );
+        assert_eq!(fs::read_dir(s.scratch_dir()).unwrap().count(), 0);
     }
 
     #[test]
