@@ -164,6 +164,11 @@ impl Bridge {
         walk_files(&self.root.path().join("state/spool")) + inline as usize
     }
 
+    /// Files under state/tmp (reply caches, scratch ZIPs).
+    pub fn scratch_files(&self) -> usize {
+        walk_files(&self.root.path().join("state/tmp"))
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         request(self.addr, "GET", path, Some(("kassa", "secret")), b"").await
     }
