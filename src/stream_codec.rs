@@ -84,11 +84,47 @@ struct JsonString {
     state: JsonState,
     /// Bytes consumed before the current piece, for error positions.
     at: u64,
+    /// A `\uD800`–`\uDBFF` escape waiting for the low surrogate that must follow it.
+    high: Option<u32>,
+    /// Continuation bytes still due in a UTF-8 sequence, and the range of the next one.
+    utf8_left: u8,
+    utf8_next: (u8, u8),
 }
 
 impl JsonString {
     fn new(state: JsonState) -> JsonString {
-        JsonString { state, at: 0 }
+        JsonString {
+            state,
+            at: 0,
+            high: None,
+            utf8_left: 0,
+            utf8_next: (0x80, 0xBF),
+        }
+    }
+
+    /// One byte of a UTF-8 sequence (RFC 3629: no overlong forms, no surrogates, nothing
+    /// past U+10FFFF).
+    fn utf8(&mut self, b: u8) -> Result<(), ()> {
+        if self.utf8_left > 0 {
+            let (lo, hi) = self.utf8_next;
+            if !(lo..=hi).contains(&b) {
+                return Err(());
+            }
+            self.utf8_left -= 1;
+            self.utf8_next = (0x80, 0xBF);
+            return Ok(());
+        }
+        (self.utf8_left, self.utf8_next) = match b {
+            0xC2..=0xDF => (1, (0x80, 0xBF)),
+            0xE0 => (2, (0xA0, 0xBF)),
+            0xE1..=0xEC | 0xEE..=0xEF => (2, (0x80, 0xBF)),
+            0xED => (2, (0x80, 0x9F)),
+            0xF0 => (3, (0x90, 0xBF)),
+            0xF1..=0xF3 => (3, (0x80, 0xBF)),
+            0xF4 => (3, (0x80, 0x8F)),
+            _ => return Err(()),
+        };
+        Ok(())
     }
 
     fn err(&self, i: usize, what: &str) -> StreamError {
@@ -109,14 +145,35 @@ impl JsonString {
             let b = input[i];
             match self.state {
                 JsonState::Str => {
-                    let run = input[i..]
-                        .iter()
-                        .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
-                        .unwrap_or(input.len() - i);
+                    if self.utf8_left > 0 || b >= 0x80 {
+                        // UTF-8 is checked as serde_json checks it (base64 is ASCII, so this
+                        // is never the fast path).
+                        if self.high.is_some() {
+                            return Err(self.err(i, "a lone leading surrogate in a \\u escape"));
+                        }
+                        self.utf8(b)
+                            .map_err(|()| self.err(i, "invalid UTF-8 in the string"))?;
+                        out.push(b);
+                        i += 1;
+                        continue;
+                    }
+                    let run = if self.high.is_some() {
+                        0 // only the escape of the low surrogate may follow
+                    } else {
+                        input[i..]
+                            .iter()
+                            .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b))
+                            .unwrap_or(input.len() - i)
+                    };
                     out.extend_from_slice(&input[i..i + run]);
                     i += run;
                     match input.get(i) {
                         None => break,
+                        Some(b'\\') => self.state = JsonState::Escape,
+                        Some(_) if self.high.is_some() => {
+                            return Err(self.err(i, "a lone leading surrogate in a \\u escape"))
+                        }
+                        Some(&b) if b >= 0x80 => continue,
                         Some(b'"') => {
                             self.state = JsonState::Trail;
                             if stop_at_end {
@@ -124,7 +181,6 @@ impl JsonString {
                                 return Ok(i + 1);
                             }
                         }
-                        Some(b'\\') => self.state = JsonState::Escape,
                         Some(_) => return Err(self.err(i, "a control character inside the string")),
                     }
                 }
@@ -134,6 +190,9 @@ impl JsonString {
                     _ => return Err(self.err(i, "expected a string")),
                 },
                 JsonState::Escape => {
+                    if self.high.is_some() && b != b'u' {
+                        return Err(self.err(i, "a lone leading surrogate in a \\u escape"));
+                    }
                     let c = match b {
                         b'"' | b'\\' | b'/' => b,
                         b'b' => 0x08,
@@ -162,11 +221,25 @@ impl JsonString {
                             value,
                         };
                     } else {
-                        // Anything past ASCII is no base64: pass it on for the decoder to
-                        // refuse (a lone surrogate becomes U+FFFD).
-                        let c = char::from_u32(value).unwrap_or(char::REPLACEMENT_CHARACTER);
-                        let mut utf8 = [0u8; 4];
-                        out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+                        // Surrogates pair up as serde_json requires; anything past ASCII is
+                        // no base64 and is passed on for the decoder to refuse.
+                        let c = match (self.high.take(), value) {
+                            (None, 0xD800..=0xDBFF) => None,
+                            (Some(h), 0xDC00..=0xDFFF) => {
+                                char::from_u32(0x10000 + ((h - 0xD800) << 10) + (value - 0xDC00))
+                            }
+                            (None, 0xDC00..=0xDFFF) | (Some(_), _) => {
+                                return Err(self.err(i, "a lone surrogate in a \\u escape"))
+                            }
+                            (None, v) => char::from_u32(v),
+                        };
+                        match c {
+                            Some(c) => {
+                                let mut utf8 = [0u8; 4];
+                                out.extend_from_slice(c.encode_utf8(&mut utf8).as_bytes());
+                            }
+                            None => self.high = Some(value),
+                        }
                         self.state = JsonState::Str;
                     }
                 }

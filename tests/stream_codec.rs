@@ -373,3 +373,27 @@ fn the_reply_encoder_writes_what_the_in_memory_path_serialises() {
         "the scratch ZIP is removed"
     );
 }
+
+/// A JSON string body that serde_json refuses (bad UTF-8, a lone surrogate) is refused as
+/// JSON, not later as base64.
+#[test]
+fn json_bodies_are_refused_where_serde_json_refuses_them() {
+    for body in [
+        &b"\"QUJD\xff\""[..],
+        b"\"QU\xc3\"",
+        b"\"QUJD\xed\xa0\x80\"",
+        b"\"QUJD\\ud800\"",
+        b"\"\\udc00QUJD\"",
+        b"\"\\ud800\\u0041\"",
+    ] {
+        let e = streamed(store(), body, &[], 1 << 20).unwrap_err();
+        assert!(e.contains("surrogate") || e.contains("UTF-8"), "{e}");
+        let e = in_memory(body, 1 << 20).unwrap_err();
+        assert!(e.starts_with("json:"), "{e}");
+    }
+    // Paired surrogates and valid UTF-8 are JSON; they are just not base64.
+    for body in [&b"\"QUJD\\ud83d\\ude00\""[..], "\"QUJDё\"".as_bytes()] {
+        let e = streamed(store(), body, &[], 1 << 20).unwrap_err();
+        assert!(e.contains("symbol"), "{e}");
+    }
+}
