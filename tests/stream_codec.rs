@@ -11,7 +11,9 @@ use kkm_bridge::package::{
     wrap_base64_crlf, zip_one,
 };
 use kkm_bridge::store::Store;
-use kkm_bridge::stream_codec::{encode_reply, write_base64_wrapped, BodyDecoder, CHUNK};
+use kkm_bridge::stream_codec::{
+    encode_reply, write_base64_wrapped, BodyDecoder, ReplyDecoder, ReportSink, CHUNK,
+};
 use proptest::prelude::*;
 
 fn config() -> ProptestConfig {
@@ -157,6 +159,137 @@ fn fixtures() -> Vec<Vec<u8>> {
     v
 }
 
+/// What the bridge as a till did with a ReceiveData reply before it streamed: the JSON
+/// object, its string `data` decoded. (fields without a string data, data chars, bytes)
+type ReplyParts = (
+    serde_json::Map<String, serde_json::Value>,
+    u64,
+    Result<Vec<u8>, String>,
+);
+
+fn reply_in_memory(body: &[u8]) -> Result<ReplyParts, String> {
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let serde_json::Value::Object(mut fields) = v else {
+        return Err("not an object".into());
+    };
+    let data = match fields.get("data") {
+        Some(serde_json::Value::String(d)) => {
+            let d = d.clone();
+            fields.remove("data");
+            d
+        }
+        _ => String::new(),
+    };
+    let chars = data.bytes().filter(|b| !b.is_ascii_whitespace()).count() as u64;
+    Ok((
+        fields,
+        chars,
+        decode_package_data(data.as_bytes(), 1 << 20).map_err(|e| e.to_string()),
+    ))
+}
+
+fn reply_streamed(body: &[u8], cuts: &[usize]) -> Result<ReplyParts, String> {
+    let s = store();
+    let mut d = ReplyDecoder::new(ReportSink::new(
+        s.spool_writer().unwrap(),
+        s.scratch_dir(),
+        1 << 20,
+    ));
+    let mut points: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
+    points.sort_unstable();
+    points.push(body.len());
+    let mut at = 0;
+    for p in points {
+        d.feed(&body[at..p]).map_err(|e| e.to_string())?;
+        at = p;
+    }
+    let r = d.finish().map_err(|e| e.to_string())?;
+    let data = r.data.map_err(|e| e.to_string()).map(|u| {
+        let sp = u.writer.finish().unwrap();
+        let bytes = match &sp.inline {
+            Some(b) => b.clone(),
+            None => std::fs::read(&sp.path).unwrap(),
+        };
+        sp.discard();
+        bytes
+    });
+    Ok((r.fields, r.data_chars, data))
+}
+
+fn replies_agree(body: &[u8], cuts: &[usize]) -> Result<(), TestCaseError> {
+    let want = reply_in_memory(body);
+    let got = reply_streamed(body, cuts);
+    match (&want, &got) {
+        (Ok((wf, wc, wd)), Ok((gf, gc, gd))) => {
+            prop_assert_eq!(wf, gf, "fields of {}", preview(body));
+            prop_assert_eq!(wc, gc);
+            match (wd, gd) {
+                (Ok(w), Ok(g)) => prop_assert!(w == g, "data of {}", preview(body)),
+                (Err(_), Err(_)) => {}
+                _ => {
+                    return Err(TestCaseError::fail(format!(
+                        "data: in memory {:?}, streamed {:?}, {}",
+                        wd.as_ref().map(Vec::len),
+                        gd.as_ref().map(Vec::len),
+                        preview(body)
+                    )))
+                }
+            }
+            Ok(())
+        }
+        (Err(_), Err(_)) => Ok(()),
+        _ => Err(TestCaseError::fail(format!(
+            "in memory {:?}, streamed {:?}: {}",
+            want.as_ref().map(|w| w.1),
+            got.as_ref().map(|g| g.1),
+            preview(body)
+        ))),
+    }
+}
+
+/// A reply as back offices write it: attributes in any order, compact or pretty, `/`
+/// escaped or not, a `data` of the package (zipped or not) or none.
+fn reply_text(bytes: &[u8], order: u8, style: u8, uid: bool) -> Vec<u8> {
+    let data = match style % 3 {
+        0 => encode_zip_base64(bytes, "v8_1.txt"),
+        1 => encode_plain_base64(bytes),
+        _ => wrap_base64_crlf(&encode_plain_base64(bytes)),
+    };
+    let mut attrs = vec![
+        ("data", serde_json::json!(data)),
+        ("errcode", serde_json::json!("0")),
+        ("errmessage", serde_json::json!("")),
+        ("packagetype", serde_json::json!("spr")),
+    ];
+    if uid {
+        attrs.push(("UID", serde_json::json!("{0d2f-ü/\"x\"}")));
+    }
+    let n = attrs.len();
+    attrs.rotate_left(order as usize % n);
+    if order & 0x10 != 0 {
+        attrs.push((
+            "extra",
+            serde_json::json!({"a": [1, 2.5e3, null, true], "b": "}],"}),
+        ));
+    }
+    let sep = if style & 0x4 != 0 { ",\r\n  " } else { "," };
+    let colon = if style & 0x8 != 0 { " : " } else { ":" };
+    let mut out = String::from(if style & 0x4 != 0 { "{\r\n  " } else { "{" });
+    for (i, (k, v)) in attrs.iter().enumerate() {
+        if i > 0 {
+            out.push_str(sep);
+        }
+        out.push_str(&serde_json::to_string(k).unwrap());
+        out.push_str(colon);
+        out.push_str(&serde_json::to_string(v).unwrap());
+    }
+    out.push_str(if style & 0x4 != 0 { "\r\n}\r\n" } else { "}" });
+    if style & 0x20 != 0 {
+        out = out.replace('/', "\\/");
+    }
+    out.into_bytes()
+}
+
 /// Bytes that make JSON and base64 edge cases likely.
 const TRICKY: &[u8] = b"QUJDa+/=\"\\\r\n \t\x0cunrtbf0A9PK\x03\x04\x00\xff{}";
 
@@ -211,6 +344,34 @@ proptest! {
         cuts in prop::collection::vec(any::<usize>(), 0..4),
     ) {
         agree(&body, &cuts, 1 << 16)?;
+    }
+
+    #[test]
+    fn replies_in_any_shape_decode_the_same_at_any_cuts(
+        bytes in prop::collection::vec(any::<u8>(), 0..3000),
+        order in any::<u8>(),
+        style in any::<u8>(),
+        uid in any::<bool>(),
+        cuts in prop::collection::vec(any::<usize>(), 0..8),
+    ) {
+        let body = reply_text(&bytes, order, style, uid);
+        replies_agree(&body, &cuts)?;
+        let (_, _, data) = reply_streamed(&body, &cuts).unwrap();
+        if !is_zip(&bytes) || style % 3 == 0 {
+            prop_assert_eq!(data.unwrap(), bytes);
+        }
+    }
+
+    #[test]
+    fn mutated_replies_are_refused_or_decoded_alike(
+        bytes in prop::collection::vec(any::<u8>(), 0..300),
+        order in any::<u8>(),
+        style in any::<u8>(),
+        edits in prop::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..6),
+        cuts in prop::collection::vec(any::<usize>(), 0..6),
+    ) {
+        let body = mutate(reply_text(&bytes, order, style, true), &edits);
+        replies_agree(&body, &cuts)?;
     }
 
     #[test]
