@@ -29,7 +29,7 @@ use crate::package::{
     decode_base64, encode_zip_base64, zip_entry_name, Direction, Kind, Package, ZIP_LOCAL,
 };
 use crate::store::{Spooled, Store, Taken, INLINE_MAX};
-use crate::stream_codec::{self, ReplyCache, ReportSink, StreamError, TextDecoder, CHUNK};
+use crate::stream_codec::{self, ReplyCache, ReportSink, StreamError, TextDecoder};
 
 /// errcode values (PROTOCOL.md §4.1, §4.2): strings, as in the vendor examples.
 pub mod errcode {
@@ -62,6 +62,10 @@ pub struct HttpServerEndpoint {
     /// ReceiveData replies of big packages, encoded once and streamed from a file.
     replies: ReplyCache,
 }
+
+/// The frames a big reply is sent in: 1 MiB frames sent a 1.1 GB reply in 0.36 s,
+/// 256 KiB frames in 0.5 s (each read is a hop to a blocking thread), nginx 0.34 s.
+const REPLY_FRAME: usize = 1 << 20;
 
 /// SendData bodies declaring at most this size decode to at most `INLINE_MAX` bytes, which
 /// stay in memory: they are decoded on the request's task alone. The bytes of bigger (or
@@ -447,8 +451,10 @@ impl HttpServerEndpoint {
             }
         };
         tracing::debug!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, kind = %pkg.kind, bytes = pkg.size, "serving from a file");
-        let stream =
-            tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), CHUNK);
+        let stream = tokio_util::io::ReaderStream::with_capacity(
+            tokio::fs::File::from_std(file),
+            REPLY_FRAME,
+        );
         let mut r = Response::new(Body::from_stream(stream));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
