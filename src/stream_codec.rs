@@ -408,9 +408,10 @@ enum Dest {
     Zip(Scratch),
 }
 
-/// Where a report's decoded bytes go, decided by their first four bytes: the spool writer,
-/// or (a ZIP) a [`Scratch`] buffer unpacked into the spool writer by
-/// [`ReportSink::finish`]. `max` bounds the report (zip bombs).
+/// Where a package's decoded bytes go (a report from SendData, or a package the bridge
+/// pulls as a till), decided by their first four bytes: the spool writer, or (a ZIP) a
+/// [`Scratch`] buffer unpacked into the spool writer by [`ReportSink::finish`]. `max`
+/// bounds the package (zip bombs).
 pub struct ReportSink {
     /// The first decoded bytes, while there are fewer than four.
     sniff: Vec<u8>,
