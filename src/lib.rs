@@ -4,6 +4,7 @@
 //! The module map:
 //! - [`config`]: TOML → typed config; every error names file, key and reason.
 //! - [`package`]: what moves (spr/flr/rep), its file names, the base64/ZIP codec.
+//! - [`stream_codec`]: the same codec a piece at a time, for packages too big for memory.
 //! - [`store`]: the durable store: SQLite journal + payload spool, the commit points.
 //! - [`endpoint`]: one module per exchange method (dir, ftp, http server, http client).
 //! - [`pump`]: moves packages source → store → sink, per till, in order.
@@ -27,5 +28,6 @@ pub mod pump;
 pub mod sim;
 pub mod status;
 pub mod store;
+pub mod stream_codec;
 pub mod tls;
 pub mod watch;

@@ -278,7 +278,8 @@ pub enum CodecError {
     TooLarge(u64),
 }
 
-const ZIP_LOCAL: &[u8] = b"PK\x03\x04";
+/// The signature a ZIP archive starts with (its first local file header).
+pub const ZIP_LOCAL: &[u8] = b"PK\x03\x04";
 const ZIP_EMPTY: &[u8] = b"PK\x05\x06";
 
 /// The name of the single entry inside the ZIP the bridge serves. The vendor example uses
@@ -304,16 +305,22 @@ pub fn zip_one(bytes: &[u8], entry_name: &str) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::with_capacity(bytes.len() / 2 + 128));
     {
         let mut w = zip::ZipWriter::new(&mut out);
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated)
-            .large_file(bytes.len() as u64 >= u32::MAX as u64);
-        w.start_file(entry_name, opts)
+        w.start_file(entry_name, zip_entry_options(bytes.len() as u64, None))
             .expect("writing a ZIP into memory cannot fail");
         w.write_all(bytes)
             .expect("writing a ZIP into memory cannot fail");
         w.finish().expect("writing a ZIP into memory cannot fail");
     }
     out.into_inner()
+}
+
+/// The options of the one entry the bridge zips: deflate at `level` (None: the zip crate's
+/// default, 6), ZIP64 fields when the entry is 4 GiB or more.
+pub(crate) fn zip_entry_options(size: u64, level: Option<i64>) -> zip::write::SimpleFileOptions {
+    zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .compression_level(level)
+        .large_file(size >= u32::MAX as u64)
 }
 
 /// Inserts CRLF after every 64 characters (1C style), none at the end.
@@ -328,7 +335,8 @@ pub fn wrap_base64_crlf(b64: &str) -> String {
     out
 }
 
-const STANDARD: GeneralPurpose = GeneralPurpose::new(
+/// The base64 engine of every decoder: standard alphabet, padding optional.
+pub(crate) const STANDARD: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
     GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
@@ -345,39 +353,72 @@ pub fn decode_base64(text: &[u8]) -> Result<Vec<u8>, CodecError> {
         .map_err(|e| CodecError::Base64(e.to_string()))
 }
 
+/// Whether decoded bytes are a ZIP archive, by their signature (an empty archive counts,
+/// so that it is refused as one rather than stored as a report).
+pub fn is_zip(head: &[u8]) -> bool {
+    head.starts_with(ZIP_LOCAL) || head.starts_with(ZIP_EMPTY)
+}
+
 /// If `bytes` is a ZIP archive (by its signature), returns its single entry; otherwise the
 /// bytes as they are. `max` bounds the unpacked size (zip bombs).
 pub fn unzip_if_zipped(bytes: Vec<u8>, max: u64) -> Result<Vec<u8>, CodecError> {
-    if !(bytes.starts_with(ZIP_LOCAL) || bytes.starts_with(ZIP_EMPTY)) {
+    if !is_zip(&bytes) {
         if bytes.len() as u64 > max {
             return Err(CodecError::TooLarge(max));
         }
         return Ok(bytes);
     }
-    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
-        .map_err(|e| CodecError::Zip(e.to_string()))?;
-    if archive.len() != 1 {
-        return Err(CodecError::ZipEntries(archive.len()));
+    let mut out = Vec::new();
+    match unzip_single(std::io::Cursor::new(bytes), &mut out, max) {
+        Ok(_) => Ok(out),
+        Err(UnzipError::Codec(e)) => Err(e),
+        Err(UnzipError::Write(e)) => Err(CodecError::Zip(e.to_string())),
     }
-    let mut entry = archive
-        .by_index(0)
-        .map_err(|e| CodecError::Zip(e.to_string()))?;
+}
+
+/// Why [`unzip_single`] failed: the archive, or the writer it unpacks into.
+#[derive(Debug)]
+pub enum UnzipError {
+    Codec(CodecError),
+    Write(std::io::Error),
+}
+
+/// Unpacks the single file of a ZIP archive into `out`, refusing archives that hold
+/// anything else and entries that unpack past `max` bytes (zip bombs; the declared size can
+/// lie, so the bytes are counted). Returns the unpacked size. The one unzip of the bridge,
+/// for bodies in memory and in scratch files alike.
+pub fn unzip_single<R: Read + std::io::Seek, W: Write>(
+    archive: R,
+    out: &mut W,
+    max: u64,
+) -> Result<u64, UnzipError> {
+    let zip_err = |e: &dyn fmt::Display| UnzipError::Codec(CodecError::Zip(e.to_string()));
+    let mut archive = zip::ZipArchive::new(archive).map_err(|e| zip_err(&e))?;
+    if archive.len() != 1 {
+        return Err(UnzipError::Codec(CodecError::ZipEntries(archive.len())));
+    }
+    let mut entry = archive.by_index(0).map_err(|e| zip_err(&e))?;
     if !entry.is_file() {
-        return Err(CodecError::ZipNotAFile);
+        return Err(UnzipError::Codec(CodecError::ZipNotAFile));
     }
     if entry.size() > max {
-        return Err(CodecError::TooLarge(max));
+        return Err(UnzipError::Codec(CodecError::TooLarge(max)));
     }
-    let mut out = Vec::with_capacity(entry.size().min(max) as usize);
-    // The declared size can lie: read at most max + 1 bytes and check.
-    (&mut entry)
-        .take(max + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| CodecError::Zip(e.to_string()))?;
-    if out.len() as u64 > max {
-        return Err(CodecError::TooLarge(max));
+    let mut buf = vec![0u8; entry.size().clamp(8 << 10, 256 << 10) as usize];
+    let mut total = 0u64;
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(zip_err(&e)),
+        };
+        total += n as u64;
+        if total > max {
+            return Err(UnzipError::Codec(CodecError::TooLarge(max)));
+        }
+        out.write_all(&buf[..n]).map_err(UnzipError::Write)?;
     }
-    Ok(out)
 }
 
 /// Decodes a `data` attribute or a SendData body: base64 (wrapped or not) of the file or of

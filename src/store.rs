@@ -91,7 +91,37 @@ enum Sink {
         path: PathBuf,
         file_name: String,
         dir: PathBuf,
+        /// Bytes handed to the disk's writeback so far (see [`WRITEBACK_STEP`]).
+        written_back: u64,
     },
+}
+
+/// A big spool file is handed to the disk's writeback every this many bytes while it is
+/// written, so that `finish`'s fsync waits for the last few MiB rather than for all of it.
+/// 1 GiB SendData on the bench VM: the final fsync went from ~300 ms to ~2 ms, the whole
+/// request from 2.16 to 2.0 s (mean of 4, noisy); on a disk slower than the copy it
+/// saves the whole overlap.
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Starts writing `len` bytes of `file` from `offset` to disk without waiting
+/// (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere nothing: the fsync does it).
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; no memory is passed. A failure
+        // only means the final fsync has more to do.
+        let _ = unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as _,
+                len as _,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// Writes a payload, hashing as it goes: small payloads stay in memory (to be committed
@@ -129,12 +159,19 @@ impl Write for SpoolWriter {
                 file.write_all(&spilled)?;
             }
         }
-        let Sink::File { file, .. } = &mut self.sink else {
+        let Sink::File {
+            file, written_back, ..
+        } = &mut self.sink
+        else {
             unreachable!("spilled above")
         };
         let n = file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.size += n as u64;
+        if self.size - *written_back >= WRITEBACK_STEP {
+            start_writeback(file, *written_back, self.size - *written_back);
+            *written_back = self.size;
+        }
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -163,6 +200,7 @@ fn new_spool_file(spool: &Path) -> io::Result<Sink> {
         path,
         file_name: format!("{shard}/{name}"),
         dir,
+        written_back: 0,
     })
 }
 
@@ -185,6 +223,7 @@ impl SpoolWriter {
                 path,
                 file_name,
                 dir,
+                ..
             } => {
                 file.sync_all()?;
                 sync_dir(dir)?;
@@ -284,6 +323,9 @@ pub struct Counts {
 pub struct Store {
     dir: PathBuf,
     spool: PathBuf,
+    /// Files derived from payloads, never the only copy of anything: ReceiveData replies
+    /// of big packages (encoded once), ZIPs being unpacked. Emptied at open.
+    scratch: PathBuf,
     db_file: String,
     conn: Mutex<Connection>,
     /// SendData reports waiting to be committed together (see `group.rs`).
@@ -447,6 +489,16 @@ impl Store {
 
         let spool = state_dir.join("spool");
         fs::create_dir_all(&spool).map_err(|e| io_err("cannot create spool/", e))?;
+        // Whatever a previous process left there (a reply cache, a half-written temp file)
+        // is derived from the store and can be made again.
+        let scratch = state_dir.join("tmp");
+        match fs::remove_dir_all(&scratch) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(io_err("cannot empty tmp/", e))
+            }
+            _ => {}
+        }
+        fs::create_dir_all(&scratch).map_err(|e| io_err("cannot create tmp/", e))?;
         let db_path = state_dir.join("journal.sqlite");
         let db_file = db_path.display().to_string();
         let sql = |source| StoreError::Sql {
@@ -480,6 +532,7 @@ impl Store {
         let store = Store {
             dir: state_dir.to_path_buf(),
             spool,
+            scratch,
             db_file,
             conn: Mutex::new(conn),
             group: Default::default(),
@@ -525,6 +578,7 @@ impl Store {
         Ok(Store {
             dir: state_dir.to_path_buf(),
             spool: state_dir.join("spool"),
+            scratch: state_dir.join("tmp"),
             db_file,
             conn: Mutex::new(conn),
             group: Default::default(),
@@ -588,6 +642,23 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Where derived files go (see the `scratch` field); on the spool's file system.
+    pub fn scratch_dir(&self) -> &Path {
+        &self.scratch
+    }
+
+    /// The ReceiveData reply of package `id`, once encoded (`stream_codec::ReplyCache`).
+    /// Removed with the package's payload.
+    pub fn reply_cache_path(&self, id: i64) -> PathBuf {
+        self.scratch.join(format!("reply-{id}.json"))
+    }
+
+    /// Frees a package's payload file and what was derived from it.
+    fn free_payload_file(&self, id: i64, spool: &str) {
+        let _ = fs::remove_file(self.spool.join(spool));
+        let _ = fs::remove_file(self.reply_cache_path(id));
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -1093,7 +1164,7 @@ impl Store {
             spool
         };
         if let Some(s) = spool {
-            let _ = fs::remove_file(self.spool.join(s));
+            self.free_payload_file(id, &s);
         }
         Ok(())
     }
@@ -1435,7 +1506,7 @@ impl Store {
             (spool, next)
         };
         if let Some(s) = spool {
-            let _ = fs::remove_file(self.spool.join(s));
+            self.free_payload_file(acked_id, &s);
         }
         Ok(next)
     }
@@ -1608,6 +1679,37 @@ mod tests {
         let _s = Store::open(d.path()).unwrap();
         assert!(!orphan.exists());
         assert!(kept.exists());
+    }
+
+    #[test]
+    fn derived_files_go_with_their_payload_and_all_at_open() {
+        let d = tempfile::tempdir().unwrap();
+        let (kept, tmp) = {
+            let s = Store::open(d.path()).unwrap();
+            let mut ids = Vec::new();
+            for (i, name) in ["a", "b", "c"].into_iter().enumerate() {
+                let sp = s.spool_bytes(&big(b'a' + i as u8)).unwrap();
+                ids.push(s.commit_taken(&taken(1, name), sp).unwrap());
+            }
+            for &id in &ids {
+                fs::write(s.reply_cache_path(id), b"{}").unwrap();
+            }
+            let tmp = s.scratch_dir().join(".kkm-bridge.0000000000000000.tmp");
+            fs::write(&tmp, b"half a reply").unwrap();
+            s.mark_delivered(ids[0], None, None).unwrap();
+            assert!(!s.reply_cache_path(ids[0]).exists(), "delivered: freed");
+            s.set_served("shop", 1, 5, Some(ids[1]), false).unwrap();
+            s.ack_served("shop", "l", 1, ids[1], 5, 6).unwrap();
+            assert!(!s.reply_cache_path(ids[1]).exists(), "acknowledged: freed");
+            assert!(s.reply_cache_path(ids[2]).exists(), "still queued: kept");
+            (s.reply_cache_path(ids[2]), tmp)
+        };
+        let s = Store::open(d.path()).unwrap();
+        assert!(
+            !kept.exists() && !tmp.exists(),
+            "derived, made again on demand"
+        );
+        assert_eq!(fs::read_dir(s.scratch_dir()).unwrap().count(), 0);
     }
 
     #[test]

@@ -354,3 +354,47 @@ async fn wrong_password_is_an_error_naming_the_endpoint_and_till() {
     assert_eq!(s.bo.pending(1), 1);
     s.server.abort();
 }
+
+/// Deterministic bytes of every value, `n` of them.
+fn noise(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn big_packages_are_streamed_both_ways_with_exact_bytes() {
+    for zip in [false, true] {
+        let s = Site::new(if zip { "report_zip = true" } else { "" }).await;
+        // Bigger than INLINE_MAX: decoded from the reply as it arrives, posted as a stream
+        // (the simulator takes bodies up to 2 MB).
+        let spr = noise(1, 8 << 20);
+        let flr = noise(2, 300 << 10);
+        let rep = noise(3, 1 << 20);
+        s.bo.queue(1, Kind::Spr, spr.clone(), None);
+        s.bo.queue(2, Kind::Flr, flr.clone(), Some("UID-9".into()));
+        put_old(&s.shop().join("POS3.rep.$1"), &rep);
+        let r = s.pass().await;
+        assert!(r.errors.is_empty(), "zip {zip}: {:?}", r.errors);
+        let shop = files(&s.shop());
+        assert!(shop["POS1.spr.$1"] == spr, "zip {zip}: spr bytes");
+        assert!(shop["POS2.flr.$1"] == flr, "zip {zip}: flr bytes");
+        let reports = s.bo.reports();
+        assert_eq!(reports.len(), 1);
+        assert!(reports[0].bytes == rep, "zip {zip}: report bytes");
+        assert_eq!(s.bo.pending(1), 0, "acknowledged");
+        let scratch = s.root.join("state/tmp");
+        assert_eq!(
+            fs::read_dir(&scratch).unwrap().count(),
+            0,
+            "no scratch file"
+        );
+        s.server.abort();
+    }
+}

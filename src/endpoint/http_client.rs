@@ -20,7 +20,10 @@ use serde::Deserialize;
 use super::{DeliverReport, Health, Routes, TakeReport};
 use crate::config::HttpClientConfig;
 use crate::package::{self, Kind, Package};
-use crate::store::{Store, Taken};
+use crate::store::{Store, Taken, INLINE_MAX};
+use crate::stream_codec::{
+    self, BodyStream, ChannelWriter, DecodedReply, ReplyDecoder, ReportSink, StreamError,
+};
 
 /// The largest package accepted from a back office (after unzipping).
 const MAX_PACKAGE: u64 = 1 << 30;
@@ -46,6 +49,9 @@ struct Backoff {
 /// The reply of ReceiveData and SendData (vendor attribute names).
 #[derive(Debug, Deserialize)]
 struct Reply {
+    /// Never read: a string `data` is decoded as it arrives (`ReplyDecoder`) and is not
+    /// here; anything else in `data` but null makes the reply fail to parse, as before.
+    #[allow(dead_code)]
     #[serde(default)]
     data: Option<String>,
     #[serde(default)]
@@ -147,6 +153,67 @@ impl HttpClientEndpoint {
         })
     }
 
+    /// GETs a ReceiveData reply and decodes it as it arrives, on a blocking thread (the
+    /// data goes straight to a spool file, so a package of any size takes little memory).
+    async fn receive(
+        &self,
+        store: &Arc<Store>,
+        url: &str,
+        what: &str,
+    ) -> anyhow::Result<DecodedReply> {
+        let mut resp = self
+            .request(reqwest::Method::GET, url)
+            .send()
+            .await
+            .with_context(|| what.to_string())?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.chunk().await.ok().flatten().unwrap_or_default();
+            anyhow::bail!(
+                "{what}: HTTP {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            );
+        }
+        let sink = ReportSink::new(store.spool_writer()?, store.scratch_dir(), MAX_PACKAGE);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(8);
+        let worker = tokio::task::spawn_blocking(move || {
+            let mut decoder = ReplyDecoder::new(sink);
+            let mut head = Vec::new();
+            while let Some(piece) = rx.blocking_recv() {
+                let more = (200 - head.len()).min(piece.len());
+                head.extend_from_slice(&piece[..more]);
+                if let Err(e) = decoder.feed(&piece) {
+                    return (head, Err(e));
+                }
+            }
+            (head, decoder.finish())
+        });
+        let mut read = Ok(());
+        loop {
+            match resp.chunk().await {
+                Ok(Some(piece)) => {
+                    if tx.send(piece).await.is_err() {
+                        break; // the decoder stopped; it says why
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    read = Err(e);
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let (head, decoded) = worker.await?;
+        read.with_context(|| what.to_string())?;
+        decoded.map_err(|e| {
+            anyhow::anyhow!(
+                "{what}: the reply is not KKMTransfer JSON ({e}): {}",
+                String::from_utf8_lossy(&head)
+            )
+        })
+    }
+
     // ---------------------------------------------------------------- pulling
 
     /// Pulls every till of every link until the back office has nothing more.
@@ -232,14 +299,13 @@ impl HttpClientEndpoint {
     ) -> anyhow::Result<Pulled> {
         let url = format!("{}/{}/{}", self.base, pos, n);
         let what = format!("{}: till {pos}, package {n}: GET {url}", self.name);
-        let reply = self
-            .call(self.request(reqwest::Method::GET, &url), &what)
-            .await?;
+        let decoded = self.receive(store, &url, &what).await?;
+        let reply: Reply = serde_json::from_value(serde_json::Value::Object(decoded.fields))
+            .map_err(|e| anyhow::anyhow!("{what}: the reply is not KKMTransfer JSON: {e}"))?;
         let code = reply.code();
-        let data = reply.data.as_deref().unwrap_or("");
         match code.as_str() {
             "3" => return Ok(Pulled::Nothing),
-            "0" if data.trim().is_empty() => return Ok(Pulled::Nothing),
+            "0" if decoded.data_chars == 0 => return Ok(Pulled::Nothing),
             "0" => {}
             _ => anyhow::bail!("{what}: errcode {code:?}: {}", reply.message()),
         }
@@ -248,8 +314,13 @@ impl HttpClientEndpoint {
             Some("flr") => Kind::Flr,
             Some(other) => anyhow::bail!("{what}: unknown packagetype {other:?}"),
         };
-        let bytes = package::decode_package_data(data.as_bytes(), MAX_PACKAGE)
-            .with_context(|| format!("{what}: bad data"))?;
+        let unpacked = decoded.data.map_err(|e| {
+            let e = match e {
+                StreamError::Base64(e) => anyhow::anyhow!("data is not valid base64: {e}"),
+                e => anyhow::Error::new(e),
+            };
+            e.context(format!("{what}: bad data"))
+        })?;
         let uid = reply.uid.filter(|u| !u.trim().is_empty());
         let source_name = format!("{pos}/{n}");
         let (s, link, peer, name) = (
@@ -258,9 +329,9 @@ impl HttpClientEndpoint {
             peer.to_string(),
             self.name.clone(),
         );
-        let size = bytes.len();
+        let size = unpacked.len;
         let id = tokio::task::spawn_blocking(move || -> anyhow::Result<i64> {
-            let spooled = s.spool_bytes(&bytes)?;
+            let spooled = unpacked.writer.finish()?;
             Ok(s.commit_taken_counted(
                 &Taken {
                     link: &link,
@@ -332,23 +403,71 @@ impl HttpClientEndpoint {
         report
     }
 
+    /// A report's SendData body and its length: base64 of the payload, or of its ZIP with
+    /// `report_zip`. Small reports are encoded in memory; bigger ones are streamed, made on
+    /// a blocking thread as the request sends them (a ZIP is made first, in a scratch file,
+    /// so that the length is known).
+    async fn report_body(
+        &self,
+        store: &Arc<Store>,
+        pkg: &Package,
+    ) -> std::io::Result<(reqwest::Body, u64)> {
+        let (s, p) = (store.clone(), pkg.clone());
+        let zip = self.config.report_zip;
+        let entry = package::zip_entry_name(pkg.kind, pkg.pos, pkg.id);
+        if pkg.inline || pkg.size <= INLINE_MAX as u64 {
+            let body = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+                let bytes = s.payload_bytes(&p)?;
+                Ok(if zip {
+                    package::encode_zip_base64(&bytes, &entry)
+                } else {
+                    package::encode_plain_base64(&bytes)
+                })
+            })
+            .await??;
+            let length = body.len() as u64;
+            return Ok((reqwest::Body::from(body), length));
+        }
+        type Source = Box<dyn std::io::Read + Send>;
+        let (source, length) =
+            tokio::task::spawn_blocking(move || -> std::io::Result<(Source, u64)> {
+                let mut payload = s.payload(&p)?;
+                if !zip {
+                    return Ok((Box::new(payload), p.size));
+                }
+                let mut zipped = stream_codec::zip_to_scratch(
+                    &mut payload,
+                    p.size,
+                    &entry,
+                    Some(stream_codec::BIG_DEFLATE_LEVEL),
+                    s.scratch_dir(),
+                )?;
+                let size = zipped.size()?;
+                Ok((Box::new(zipped), size))
+            })
+            .await??;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let mut source = source;
+            let mut w = ChannelWriter(tx.clone());
+            if let Err(e) = stream_codec::write_base64_wrapped(&mut source, &mut w, b"") {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Ok((
+            reqwest::Body::wrap_stream(BodyStream(rx)),
+            length.div_ceil(3) * 4,
+        ))
+    }
+
     async fn send_one(&self, store: &Arc<Store>, pkg: &Package) -> anyhow::Result<()> {
         let (s, id, name, pos) = (store.clone(), pkg.id, self.name.clone(), pkg.pos);
         let n =
             tokio::task::spawn_blocking(move || s.begin_numbered_send(id, &name, pos)).await??;
-        let (s, p) = (store.clone(), pkg.clone());
-        let zip = self.config.report_zip;
-        let entry = package::zip_entry_name(pkg.kind, pkg.pos, pkg.id);
-        let body = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            let bytes = s.payload_bytes(&p)?;
-            Ok(if zip {
-                package::encode_zip_base64(&bytes, &entry)
-            } else {
-                package::encode_plain_base64(&bytes)
-            })
-        })
-        .await?
-        .with_context(|| format!("cannot read the payload of {}", pkg.describe()))?;
+        let (body, length) = self
+            .report_body(store, pkg)
+            .await
+            .with_context(|| format!("cannot read the payload of {}", pkg.describe()))?;
         let url = match &pkg.uid {
             Some(uid) => format!("{}/SendData/{}/{}/{}", self.base, pkg.pos, n, uid),
             None => format!("{}/SendData/{}/{}", self.base, pkg.pos, n),
@@ -364,6 +483,7 @@ impl HttpClientEndpoint {
             .call(
                 self.request(reqwest::Method::POST, &url)
                     .header("Content-Type", "text/plain; charset=utf-8")
+                    .header(reqwest::header::CONTENT_LENGTH, length)
                     .body(body),
                 &what,
             )

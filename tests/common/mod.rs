@@ -74,10 +74,26 @@ impl Bridge {
 
     /// `http_extra`: more keys for [endpoint.tills] (e.g. a prefix).
     pub async fn start_with(http_extra: &str) -> Bridge {
+        Bridge::start_config(|root| config_text(root, http_extra)).await
+    }
+
+    /// The test config with `max_body` set (big packages) instead of 64 KiB.
+    pub async fn start_with_max_body(max_body: &str) -> Bridge {
+        Bridge::start_config(|root| {
+            config_text(root, "").replace(
+                "max_body = \"64KiB\"",
+                &format!("max_body = \"{max_body}\""),
+            )
+        })
+        .await
+    }
+
+    /// A bridge with the config `config(root)`.
+    pub async fn start_config(config: impl FnOnce(&Path) -> String) -> Bridge {
         let root = tempfile::tempdir().unwrap();
         let office = root.path().join("office");
         std::fs::create_dir_all(&office).unwrap();
-        let text = config_text(root.path(), http_extra);
+        let text = config(root.path());
         let config = Arc::new(Config::parse(&text, Path::new("test.toml")).unwrap());
         let store = Arc::new(Store::open(&config.state_dir).unwrap());
         let pump = Arc::new(Pump::new(config, store.clone()).unwrap());
@@ -162,6 +178,11 @@ impl Bridge {
             })
             .unwrap();
         walk_files(&self.root.path().join("state/spool")) + inline as usize
+    }
+
+    /// Files under state/tmp (reply caches, scratch ZIPs).
+    pub fn scratch_files(&self) -> usize {
+        walk_files(&self.root.path().join("state/tmp"))
     }
 
     pub async fn get(&self, path: &str) -> Reply {
