@@ -476,6 +476,11 @@ impl ReportSink {
         Ok(())
     }
 
+    /// Whether the bytes are a ZIP ([`ReportSink::finish`] unpacks it: blocking work).
+    pub fn is_zip(&self) -> bool {
+        matches!(self.dest, Some(Dest::Zip(_)))
+    }
+
     /// All bytes are in: unpacks a ZIP (blocking: a big one takes seconds).
     pub fn finish(mut self) -> Result<Unpacked, StreamError> {
         match self.dest.take() {

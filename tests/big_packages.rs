@@ -263,14 +263,6 @@ async fn big_bad_reports_are_refused_as_before_and_leave_no_file() {
 // The real binary: peak memory while moving big packages both ways.
 // ---------------------------------------------------------------------------------------
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Peak resident memory of process `pid`, from /proc.
 fn vm_hwm(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{data_bytes, request};
+use common::{data_bytes, free_port, request};
 
 const P: &str = "/hs/KKMTransfer";
 const LIMIT: u64 = 512 << 10;
@@ -188,14 +188,6 @@ fn sync_on_a_full_tmpfs_acknowledges_nothing_and_resumes_when_space_returns() {
             assert!(ok.success());
         },
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

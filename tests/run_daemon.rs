@@ -171,14 +171,6 @@ async fn a_file_written_slowly_is_taken_only_after_it_settles() {
     task.await.unwrap();
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn binary_config(port: u16) -> String {
     format!(
         r#"

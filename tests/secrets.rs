@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::free_port;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,14 +16,6 @@ const SECRETS: [&str; 5] = [
     "ClientPw-2b7a",
     "AdminPw-0d4c",
 ];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config(http: u16, admin: u16, dead: u16) -> String {
     format!(

@@ -6,6 +6,8 @@
 //! same report again under the same number, as Kassir does. In the end the office folder
 //! must hold every report exactly once, in each till's order.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -14,18 +16,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::free_port;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TILLS: u32 = 16;
 const REPORTS: u32 = 80;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config(port: u16) -> String {
     format!(

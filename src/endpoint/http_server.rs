@@ -116,6 +116,18 @@ fn receive_error(status: StatusCode, code: &'static str, msg: String) -> Respons
     )
 }
 
+/// ReceiveData failed on our side (the journal, the spool): HTTP 500, errcode "2".
+fn storage_error(c: &Checked) -> Response {
+    receive_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        errcode::ERROR,
+        format!(
+            "ККМ {}, пакет {}: внутренняя ошибка хранилища",
+            c.pos, c.number
+        ),
+    )
+}
+
 fn send_reply(status: StatusCode, code: &'static str, msg: String) -> Response {
     json_response(
         status,
@@ -468,14 +480,7 @@ impl HttpServerEndpoint {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(endpoint = %self.name, till = c.pos, number = c.number, "ReceiveData failed: {e}");
-                return receive_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    errcode::ERROR,
-                    format!(
-                        "ККМ {}, пакет {}: внутренняя ошибка хранилища",
-                        c.pos, c.number
-                    ),
-                );
+                return storage_error(&c);
             }
         };
         let Some(pkg) = pkg else {
@@ -488,14 +493,7 @@ impl HttpServerEndpoint {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, "cannot read the payload of {}: {e}", pkg.describe());
-                return receive_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    errcode::ERROR,
-                    format!(
-                        "ККМ {}, пакет {}: внутренняя ошибка хранилища",
-                        c.pos, c.number
-                    ),
-                );
+                return storage_error(&c);
             }
         };
         tracing::debug!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, kind = %pkg.kind, bytes = bytes.len(), "serving");
@@ -572,14 +570,7 @@ impl HttpServerEndpoint {
             }
             Err(e) => {
                 tracing::error!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, "cannot encode the reply of {}: {e}", pkg.describe());
-                return receive_error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    errcode::ERROR,
-                    format!(
-                        "ККМ {}, пакет {}: внутренняя ошибка хранилища",
-                        c.pos, c.number
-                    ),
-                );
+                return storage_error(c);
             }
         };
         tracing::debug!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, kind = %pkg.kind, bytes = pkg.size, "serving from a file");
@@ -600,9 +591,9 @@ impl HttpServerEndpoint {
     /// Stores a decoded, spooled report durably (group commit with the reports other tills
     /// push at the same moment), or says it is a repeat. Returns whether it was stored, and
     /// the reply.
-    fn store_report(
+    async fn store_report(
         &self,
-        store: &Store,
+        store: &Arc<Store>,
         c: &Checked,
         uid: Option<&str>,
         spooled: Spooled,
@@ -613,16 +604,18 @@ impl HttpServerEndpoint {
             Some(u) => format!("SendData/{pos}/{number}/{u}"),
             None => format!("SendData/{pos}/{number}"),
         };
-        let outcome = store.commit_report(NewReport {
-            link: c.link.clone(),
-            pos,
-            uid: uid.map(str::to_string),
-            source_endpoint: self.name.clone(),
-            source_name,
-            number,
-            sink_endpoint: c.office.clone(),
-            spooled,
-        })?;
+        let outcome = store
+            .commit_report(NewReport {
+                link: c.link.clone(),
+                pos,
+                uid: uid.map(str::to_string),
+                source_endpoint: self.name.clone(),
+                source_name,
+                number,
+                sink_endpoint: c.office.clone(),
+                spooled,
+            })
+            .await?;
         match outcome {
             ReportOutcome::Repeat { id } => {
                 tracing::info!(endpoint = %self.name, till = pos, number, package = id, "SendData repeated with the same content; nothing stored");
@@ -970,34 +963,30 @@ async fn send_data(
         Err(BodyError::Refused(msg)) => return refuse(msg),
         Err(BodyError::Store(e)) => return internal(&e),
     };
-    let (ep, store) = (st.ep.clone(), st.store.clone());
     let link = c.link.clone();
-    let res = tokio::task::spawn_blocking(move || {
-        // The unzip of a zipped body and the fsync: blocking work.
-        let unpacked = match sink.finish() {
-            Ok(u) => u,
-            Err(e) => {
-                return match BodyError::from(e) {
-                    BodyError::Refused(msg) => Outcome::Refused(msg),
-                    BodyError::Store(e) => Outcome::Failed(e),
-                }
-            }
-        };
+    // Finishing the body: the unzip of a zipped one and the fsync of a spool file are
+    // blocking work; a small plain report (the common case: inline, no fsync) is finished
+    // right here.
+    let cheap = on_task && !sink.is_zip();
+    let finish = move || -> Result<Spooled, BodyError> {
+        let unpacked = sink.finish().map_err(BodyError::from)?;
         if unpacked.len == 0 {
-            return Outcome::Refused("пустой пакет (нет данных отчёта)".into());
+            return Err(BodyError::Refused(
+                "пустой пакет (нет данных отчёта)".into(),
+            ));
         }
         if unpacked.head.starts_with(ZIP_LOCAL) {
             // A report is text; a ZIP inside the ZIP is never one (and could be a bomb for
             // whoever unpacks it next).
-            return Outcome::Refused(
+            return Err(BodyError::Refused(
                 "вложенный ZIP-архив: отчёт должен быть файлом, а не архивом".into(),
-            );
+            ));
         }
         let t0 = std::time::Instant::now();
-        let report = match unpacked.writer.finish() {
-            Ok(r) => r,
-            Err(e) => return Outcome::Failed(e.to_string()),
-        };
+        let report = unpacked
+            .writer
+            .finish()
+            .map_err(|e| BodyError::Store(e.to_string()))?;
         tracing::debug!(
             till = c.pos,
             number = c.number,
@@ -1005,12 +994,26 @@ async fn send_data(
             fsync_ms = t0.elapsed().as_millis() as u64,
             "report spooled"
         );
-        match ep.store_report(&store, &c, uid.as_deref(), report) {
-            Ok((stored, reply)) => Outcome::Stored(stored, reply),
-            Err(e) => Outcome::Failed(e.to_string()),
-        }
-    })
-    .await;
+        Ok(report)
+    };
+    let finished = if cheap {
+        Ok(finish())
+    } else {
+        tokio::task::spawn_blocking(finish).await
+    };
+    let res = match finished {
+        Ok(Ok(report)) => match st
+            .ep
+            .store_report(&st.store, &c, uid.as_deref(), report)
+            .await
+        {
+            Ok((stored, reply)) => Ok(Outcome::Stored(stored, reply)),
+            Err(e) => Ok(Outcome::Failed(e.to_string())),
+        },
+        Ok(Err(BodyError::Refused(msg))) => Ok(Outcome::Refused(msg)),
+        Ok(Err(BodyError::Store(e))) => Ok(Outcome::Failed(e)),
+        Err(e) => Err(e),
+    };
     match res {
         Ok(Outcome::Stored(stored, reply)) => {
             if stored {

@@ -2,18 +2,18 @@
 //!
 //! A till gets errcode "0" only once its report is durable, i.e. after an fsync of the
 //! journal. One transaction per report caps SendData at the disk's fsync rate; here the
-//! reports that arrive while a commit is running wait for it and are then committed
-//! together, in one transaction and one fsync (the classic leader/follower group commit):
+//! reports are handed to one committer thread, which takes everything that arrived while
+//! it was committing and commits it together, in one transaction and one fsync:
 //!
-//! 1. a request queues its report in `pending`;
-//! 2. it takes the `leader` lock; whoever holds it drains everything pending, commits it
-//!    in one transaction and fills each report's slot before releasing the lock;
-//! 3. so when a request gets the lock, either an earlier leader already answered its slot,
-//!    or its report is still pending and it commits the batch itself.
+//! 1. a request sends its report and a reply slot down a channel, and waits on the slot;
+//! 2. the committer takes the first report waiting, then every other one already queued,
+//!    commits them in one transaction and answers each slot after the commit;
+//! 3. the busier the service, the bigger the batches, and the fewer fsyncs per report.
 //!
 //! Nothing changes for durability: no slot is answered before its transaction committed,
 //! and a crash before that loses only reports whose tills have not been answered (they
-//! send them again, under the same number).
+//! send them again, under the same number). The committer holds only a weak reference to
+//! the store, so dropping the store (its lock released) ends the thread.
 
 use std::sync::{Arc, Mutex};
 
@@ -47,12 +47,19 @@ pub enum ReportOutcome {
     Repeat { id: i64 },
 }
 
-type Slot = Arc<Mutex<Option<Result<ReportOutcome, String>>>>;
+/// A report waiting for the committer, and where its outcome goes.
+struct Job {
+    report: NewReport,
+    reply: tokio::sync::oneshot::Sender<Result<ReportOutcome, String>>,
+}
+
+/// The most reports one transaction takes (a bound on the time a batch holds the journal).
+const MAX_BATCH: usize = 1024;
 
 #[derive(Default)]
 pub(super) struct GroupCommit {
-    pending: Mutex<Vec<(NewReport, Slot)>>,
-    leader: Mutex<()>,
+    /// To the committer thread, started by the first report.
+    queue: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -61,30 +68,52 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Store {
     /// Journals a report durably (or recognises a repeat) together with the reports other
-    /// tills push at the same moment. Blocks until its transaction has committed.
-    pub fn commit_report(&self, report: NewReport) -> super::Result<ReportOutcome> {
-        let slot: Slot = Arc::default();
-        lock(&self.group.pending).push((report, slot.clone()));
-        let _leader = lock(&self.group.leader);
-        if let Some(r) = lock(&slot).take() {
-            return r.map_err(|e| self.batch_error(e));
+    /// tills push at the same moment. Resolves once its transaction has committed.
+    pub async fn commit_report(
+        self: &Arc<Self>,
+        report: NewReport,
+    ) -> super::Result<ReportOutcome> {
+        let rx = self.enqueue_report(report)?;
+        match rx.await {
+            Ok(r) => r.map_err(|e| self.batch_error(e)),
+            Err(_) => Err(self.batch_error("the committer thread stopped".into())),
         }
-        let batch = std::mem::take(&mut *lock(&self.group.pending));
-        let results = self.commit_batch(&batch);
-        let mut mine = None;
-        for ((report, s), r) in batch.into_iter().zip(results) {
-            // A repeat or a failed commit keeps no payload; a stored one is in its row.
-            if !matches!(r, Ok(ReportOutcome::Stored { .. })) {
-                report.spooled.discard();
-            }
-            if Arc::ptr_eq(&s, &slot) {
-                mine = Some(r);
-            } else {
-                *lock(&s) = Some(r);
-            }
+    }
+
+    /// [`Store::commit_report`] for a thread outside the async runtime.
+    pub fn commit_report_blocking(
+        self: &Arc<Self>,
+        report: NewReport,
+    ) -> super::Result<ReportOutcome> {
+        let rx = self.enqueue_report(report)?;
+        match rx.blocking_recv() {
+            Ok(r) => r.map_err(|e| self.batch_error(e)),
+            Err(_) => Err(self.batch_error("the committer thread stopped".into())),
         }
-        mine.expect("the leader's own report is in the batch it drained")
-            .map_err(|e| self.batch_error(e))
+    }
+
+    fn enqueue_report(
+        self: &Arc<Self>,
+        report: NewReport,
+    ) -> super::Result<tokio::sync::oneshot::Receiver<Result<ReportOutcome, String>>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let mut queue = lock(&self.group.queue);
+        if queue.is_none() {
+            let (tx, jobs) = std::sync::mpsc::channel::<Job>();
+            let store = Arc::downgrade(self);
+            std::thread::Builder::new()
+                .name("kkm-report-commit".into())
+                .spawn(move || committer(store, jobs))
+                .map_err(|e| self.io("cannot start the report committer thread", e))?;
+            *queue = Some(tx);
+        }
+        let job = Job { report, reply };
+        if let Err(std::sync::mpsc::SendError(job)) = queue.as_ref().expect("set above").send(job) {
+            *queue = None;
+            job.report.spooled.discard();
+            return Err(self.batch_error("the committer thread stopped".into()));
+        }
+        Ok(rx)
     }
 
     fn batch_error(&self, e: String) -> StoreError {
@@ -96,12 +125,12 @@ impl Store {
     }
 
     /// One transaction for the whole batch: all reports are committed, or none.
-    fn commit_batch(&self, batch: &[(NewReport, Slot)]) -> Vec<Result<ReportOutcome, String>> {
+    fn commit_batch(&self, batch: &[Job]) -> Vec<Result<ReportOutcome, String>> {
         let mut conn = self.conn();
         let r = (|| -> rusqlite::Result<Vec<ReportOutcome>> {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(batch.len());
-            for (r, _) in batch {
+            for Job { report: r, .. } in batch {
                 // Earlier reports of this batch are visible to these queries (same
                 // transaction), so a repeat within one batch is recognised too.
                 let repeat: Option<i64> = tx
@@ -159,6 +188,38 @@ impl Store {
     }
 }
 
+/// The committer thread: one transaction for everything queued, then the answers.
+fn committer(store: std::sync::Weak<Store>, jobs: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(j) => batch.push(j),
+                Err(_) => break,
+            }
+        }
+        let Some(store) = store.upgrade() else {
+            for j in batch {
+                j.report.spooled.discard();
+            }
+            return;
+        };
+        let results = store.commit_batch(&batch);
+        // Let go of the store before anyone hears back: a caller that drops its store
+        // next must find the lock released.
+        drop(store);
+        for (job, r) in batch.into_iter().zip(results) {
+            // A repeat or a failed commit keeps no payload; a stored one is in its row.
+            if !matches!(r, Ok(ReportOutcome::Stored { .. })) {
+                job.report.spooled.discard();
+            }
+            // A till that hung up gets nothing; the report stays committed (it will send
+            // it again and get "1").
+            let _ = job.reply.send(r);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,7 +254,7 @@ mod tests {
                         let body = format!("report {t}/{n}").into_bytes();
                         for _ in 0..2 {
                             let r = report(&store, t + 1, n, &body);
-                            outcomes.push(store.commit_report(r).unwrap());
+                            outcomes.push(store.commit_report_blocking(r).unwrap());
                         }
                     }
                     outcomes
@@ -219,7 +280,9 @@ mod tests {
             .unwrap();
         assert_eq!(rows, 400);
         // The same number with new content is stored and flagged.
-        let o = store.commit_report(report(&store, 1, 1, b"other")).unwrap();
+        let o = store
+            .commit_report_blocking(report(&store, 1, 1, b"other"))
+            .unwrap();
         assert!(matches!(
             o,
             ReportOutcome::Stored {
@@ -232,11 +295,15 @@ mod tests {
     #[test]
     fn a_repeat_leaves_no_spool_file() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
         let big = vec![b'x'; super::super::INLINE_MAX + 1];
-        let first = store.commit_report(report(&store, 1, 1, &big)).unwrap();
+        let first = store
+            .commit_report_blocking(report(&store, 1, 1, &big))
+            .unwrap();
         assert!(matches!(first, ReportOutcome::Stored { .. }));
-        let again = store.commit_report(report(&store, 1, 1, &big)).unwrap();
+        let again = store
+            .commit_report_blocking(report(&store, 1, 1, &big))
+            .unwrap();
         assert!(matches!(again, ReportOutcome::Repeat { .. }));
         let files = walkdir::WalkDir::new(dir.path().join("spool"))
             .into_iter()
@@ -244,5 +311,17 @@ mod tests {
             .filter(|e| e.file_type().is_file())
             .count();
         assert_eq!(files, 1, "only the stored report's spool file is left");
+    }
+
+    #[test]
+    fn dropping_the_store_ends_the_committer_and_releases_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in 1..=3 {
+            let store = Arc::new(Store::open(dir.path()).unwrap());
+            let o = store
+                .commit_report_blocking(report(&store, 1, n, b"r"))
+                .unwrap();
+            assert!(matches!(o, ReportOutcome::Stored { .. }));
+        }
     }
 }

@@ -351,3 +351,12 @@ pub fn data_bytes(reply: &Reply) -> Vec<u8> {
     let data = j["data"].as_str().expect("data is a string");
     kkm_bridge::package::decode_package_data(data.as_bytes(), 1 << 30).unwrap()
 }
+
+/// A port nobody listens on right now (for the real binary, which binds it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
