@@ -390,6 +390,49 @@ fn a_crash_at_any_commit_point_loses_and_doubles_nothing() {
     }
 }
 
+/// The same with packages too big for the journal: they are hard-linked into the spool
+/// when taken and from the spool into the kassa folder when delivered (same filesystem),
+/// so no bytes are copied; a crash at any point still loses and doubles nothing, and in
+/// the end each delivered file is the only name of its bytes (the spool let go of it).
+#[test]
+fn a_crash_at_any_commit_point_with_big_linked_packages_loses_and_doubles_nothing() {
+    use std::os::unix::fs::MetadataExt;
+    let big = |n: u32| {
+        let mut b = spr(1, n);
+        for i in 0..20_000u32 {
+            b.extend_from_slice(format!("{n};{i};Товар {i}\r\n").as_bytes());
+        }
+        b
+    };
+    for point in kkm_bridge::failpoint::POINTS {
+        let s = Site::new("", "");
+        for n in 1..=3 {
+            s.put(&s.office(), &format!("POS1.spr.${n}"), &big(n));
+        }
+        let o = s
+            .cmd(&["sync"])
+            .env("KKM_BRIDGE_CRASH_AT", point)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), None, "{point}: aborted, not exited");
+        s.sync_ok();
+        s.sync_ok();
+        let shop = files(&s.shop());
+        assert_eq!(shop.len(), 3, "{point}: {:?}", shop.keys());
+        for n in 1..=3 {
+            let name = format!("POS1.spr.${n}");
+            assert!(
+                shop[&name].len() > 64 << 10,
+                "big enough to live in a spool file"
+            );
+            assert_eq!(shop[&name], big(n), "{point} #{n}");
+            let links = std::fs::metadata(s.shop().join(&name)).unwrap().nlink();
+            assert_eq!(links, 1, "{point} #{n}: the spool still holds a name of it");
+        }
+        assert!(files(&s.office()).is_empty(), "{point}: every source taken");
+    }
+}
+
 /// A crash while recovering from a crash (between resetting an interrupted delivery and
 /// removing its temp file) still loses and doubles nothing.
 #[test]

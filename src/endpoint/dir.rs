@@ -613,6 +613,22 @@ impl DirEndpoint {
     }
 
     fn write_temp(&self, store: &Store, pkg: &Package, tmp: &Path) -> anyhow::Result<()> {
+        // A big payload in a spool file on the same filesystem: the temp becomes a second
+        // name of that file (no bytes copied; they were fsync'd when taken). The spool's
+        // name goes when the package is journaled delivered, so from then on the folder
+        // holds the only name. Elsewhere (another filesystem, a share without links): copy.
+        if !pkg.inline && fs::hard_link(&pkg.payload, tmp).is_ok() {
+            let len = fs::metadata(tmp)
+                .with_context(|| format!("cannot stat {}", tmp.display()))?
+                .len();
+            anyhow::ensure!(
+                len == pkg.size,
+                "the payload of {} has {len} bytes, the journal says {}",
+                pkg.describe(),
+                pkg.size
+            );
+            return Ok(());
+        }
         let mut src = store
             .payload(pkg)
             .with_context(|| format!("cannot read the payload of {}", pkg.describe()))?;
