@@ -10,7 +10,7 @@
 //! takes the first number above the highest present; single-file mode writes only when the
 //! till has consumed the previous file (absent, or line 2 is `@`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -57,13 +57,7 @@ struct Prepared {
 }
 
 /// One file that parsed as a package of this endpoint.
-#[derive(Debug, Clone)]
-struct Candidate {
-    entry: Entry,
-    kind: Kind,
-    pos: u32,
-    n: Option<u32>,
-}
+type Candidate = super::Candidate<Entry>;
 
 impl DirEndpoint {
     pub fn new(name: &str, config: DirConfig, routes: Routes) -> DirEndpoint {
@@ -123,10 +117,7 @@ impl DirEndpoint {
 
     /// Parses a name as any kind's pattern.
     fn parse(&self, name: &str) -> Option<(Kind, u32, Option<u32>)> {
-        self.patterns.iter().find_map(|(k, p)| {
-            p.parse(name, self.config.numbered)
-                .map(|parsed| (*k, parsed.pos, parsed.n))
-        })
+        super::parse_name(&self.patterns, self.config.numbered, name)
     }
 
     fn is_complete(&self, e: &Entry) -> bool {
@@ -200,34 +191,15 @@ impl DirEndpoint {
 
     pub fn take(&self, store: &Store, dry_run: bool) -> anyhow::Result<TakeReport> {
         let mut report = TakeReport::default();
-        let takes = self.routes.role.takes();
-        let mut groups: BTreeMap<(u32, Kind), Vec<Candidate>> = BTreeMap::new();
-        for entry in self.list()? {
-            if is_temp_name(&entry.name) {
-                continue;
-            }
-            let Some((kind, pos, n)) = self.parse(&entry.name) else {
-                if self.warned.first(&entry.name) {
-                    tracing::warn!(endpoint = %self.name, file = %entry.name, "left alone: the name matches no pattern of this endpoint (numbered = {})", self.config.numbered);
-                }
-                continue;
-            };
-            if !takes.contains(&kind) {
-                continue; // what we write here for the other side
-            }
-            if self.routes.route(pos).is_none() {
-                if self.warned.first(&entry.name) {
-                    tracing::warn!(endpoint = %self.name, file = %entry.name, till = pos, "left alone: till {pos} is in no link of this endpoint");
-                }
-                continue;
-            }
-            groups.entry((pos, kind)).or_default().push(Candidate {
-                entry,
-                kind,
-                pos,
-                n,
-            });
-        }
+        let groups = super::group_candidates(
+            &self.name,
+            &self.routes,
+            &self.patterns,
+            self.config.numbered,
+            &self.warned,
+            self.list()?.into_iter().filter(|e| !is_temp_name(&e.name)),
+            |e| e.name.as_str(),
+        );
         let mut batch: Vec<Prepared> = Vec::new();
         let mut inline_bytes = 0u64;
         for (_, mut files) in groups {

@@ -23,7 +23,7 @@
 //! each way, and meanwhile passes report the endpoint as failing without touching anything.
 //! A connection lost mid-operation is logged once and reconnected on the next use.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -620,13 +620,7 @@ fn tls_hint(why: &str, host: &str) -> String {
 }
 
 /// What one file parsed as.
-#[derive(Debug, Clone)]
-struct Candidate {
-    entry: Entry,
-    kind: Kind,
-    pos: u32,
-    n: Option<u32>,
-}
+type Candidate = super::Candidate<Entry>;
 
 impl FtpEndpoint {
     pub fn new(name: &str, config: FtpConfig, routes: Routes) -> anyhow::Result<FtpEndpoint> {
@@ -687,10 +681,7 @@ impl FtpEndpoint {
     }
 
     fn parse(&self, name: &str) -> Option<(Kind, u32, Option<u32>)> {
-        self.patterns.iter().find_map(|(k, p)| {
-            p.parse(name, self.config.numbered)
-                .map(|parsed| (*k, parsed.pos, parsed.n))
-        })
+        super::parse_name(&self.patterns, self.config.numbered, name)
     }
 
     // ------------------------------------------------------------ connections
@@ -927,34 +918,17 @@ impl FtpEndpoint {
                 .collect();
             std::mem::replace(&mut *seen, now)
         };
-        let takes = self.routes.role.takes();
-        let mut groups: BTreeMap<(u32, Kind), Vec<Candidate>> = BTreeMap::new();
-        for entry in listing {
-            if !entry.is_file || is_temp_name(&entry.name) || entry.name.starts_with('.') {
-                continue;
-            }
-            let Some((kind, pos, n)) = self.parse(&entry.name) else {
-                if self.warned.first(&entry.name) {
-                    tracing::warn!(endpoint = %self.name, file = %entry.name, "left alone: the name matches no pattern of this endpoint (numbered = {})", self.config.numbered);
-                }
-                continue;
-            };
-            if !takes.contains(&kind) {
-                continue;
-            }
-            if self.routes.route(pos).is_none() {
-                if self.warned.first(&entry.name) {
-                    tracing::warn!(endpoint = %self.name, file = %entry.name, till = pos, "left alone: till {pos} is in no link of this endpoint");
-                }
-                continue;
-            }
-            groups.entry((pos, kind)).or_default().push(Candidate {
-                entry,
-                kind,
-                pos,
-                n,
-            });
-        }
+        let groups = super::group_candidates(
+            &self.name,
+            &self.routes,
+            &self.patterns,
+            self.config.numbered,
+            &self.warned,
+            listing
+                .into_iter()
+                .filter(|e| e.is_file && !is_temp_name(&e.name) && !e.name.starts_with('.')),
+            |e| e.name.as_str(),
+        );
         'groups: for (_, mut files) in groups {
             files.sort_by_key(|c| c.n);
             for c in files {

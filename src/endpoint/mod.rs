@@ -13,11 +13,11 @@ pub mod ftp;
 pub mod http_client;
 pub mod http_server;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::config::{Config, EndpointConfig, PosSet};
-use crate::package::{Direction, Kind, Package};
+use crate::package::{Direction, Kind, NamePattern, Package};
 use crate::store::Store;
 
 /// Which side of its links an endpoint is.
@@ -125,6 +125,68 @@ pub struct DeliverReport {
     /// Packages that stay queued because of an error (logged).
     pub failed: u64,
     pub planned: Vec<String>,
+}
+
+/// Parses a file name as any kind's pattern: (kind, till, `.$n` number).
+pub fn parse_name(
+    patterns: &[(Kind, NamePattern)],
+    numbered: bool,
+    name: &str,
+) -> Option<(Kind, u32, Option<u32>)> {
+    patterns.iter().find_map(|(k, p)| {
+        p.parse(name, numbered)
+            .map(|parsed| (*k, parsed.pos, parsed.n))
+    })
+}
+
+/// A listed file (of a folder or an FTP directory) that names a package to take.
+#[derive(Debug, Clone)]
+pub struct Candidate<E> {
+    pub entry: E,
+    pub kind: Kind,
+    pub pos: u32,
+    pub n: Option<u32>,
+}
+
+/// A polled source's listing, by till and kind: the files this endpoint takes, for tills
+/// of its links. Names that match no pattern and tills in no link are left alone, with
+/// one warning each.
+pub fn group_candidates<E>(
+    endpoint: &str,
+    routes: &Routes,
+    patterns: &[(Kind, NamePattern)],
+    numbered: bool,
+    warned: &WarnOnce,
+    entries: impl IntoIterator<Item = E>,
+    name: impl Fn(&E) -> &str,
+) -> BTreeMap<(u32, Kind), Vec<Candidate<E>>> {
+    let takes = routes.role.takes();
+    let mut groups: BTreeMap<(u32, Kind), Vec<Candidate<E>>> = BTreeMap::new();
+    for entry in entries {
+        let file = name(&entry);
+        let Some((kind, pos, n)) = parse_name(patterns, numbered, file) else {
+            if warned.first(file) {
+                tracing::warn!(%endpoint, %file, "left alone: the name matches no pattern of this endpoint (numbered = {numbered})");
+            }
+            continue;
+        };
+        if !takes.contains(&kind) {
+            continue; // what this endpoint writes for the other side
+        }
+        if routes.route(pos).is_none() {
+            if warned.first(file) {
+                tracing::warn!(%endpoint, %file, till = pos, "left alone: till {pos} is in no link of this endpoint");
+            }
+            continue;
+        }
+        groups.entry((pos, kind)).or_default().push(Candidate {
+            entry,
+            kind,
+            pos,
+            n,
+        });
+    }
+    groups
 }
 
 /// Logs a warning once per key (a file name that does not parse, an unknown till).
