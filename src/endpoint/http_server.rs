@@ -93,14 +93,12 @@ struct SendReply {
     errmessage: String,
 }
 
+/// The content type of every KKMTransfer reply.
+const JSON_UTF8: HeaderValue = HeaderValue::from_static("application/json; charset=utf-8");
+
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
     let bytes = serde_json::to_vec(body).expect("replies always serialise");
-    let mut r = (status, bytes).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    r
+    json_bytes_response(status, bytes.into())
 }
 
 fn receive_error(status: StatusCode, code: &'static str, msg: String) -> Response {
@@ -226,12 +224,9 @@ impl ServeCache {
     }
 }
 
-fn json_bytes_response(bytes: axum::body::Bytes) -> Response {
-    let mut r = (StatusCode::OK, bytes).into_response();
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
+fn json_bytes_response(status: StatusCode, bytes: axum::body::Bytes) -> Response {
+    let mut r = (status, bytes).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, JSON_UTF8);
     r
 }
 
@@ -405,13 +400,13 @@ impl HttpServerEndpoint {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         match cache.tills.get(&pos)? {
             CachedServe::Empty { generation } if *generation == store.down_generation() => {
-                Some(json_bytes_response(no_data_reply()))
+                Some(json_bytes_response(StatusCode::OK, no_data_reply()))
             }
             CachedServe::Serving {
                 number: n,
                 reply: Some(bytes),
                 ..
-            } if *n == number => Some(json_bytes_response(bytes.clone())),
+            } if *n == number => Some(json_bytes_response(StatusCode::OK, bytes.clone())),
             _ => None,
         }
     }
@@ -484,7 +479,7 @@ impl HttpServerEndpoint {
             }
         };
         let Some(pkg) = pkg else {
-            return json_bytes_response(no_data_reply());
+            return json_bytes_response(StatusCode::OK, no_data_reply());
         };
         if !pkg.inline && pkg.size > INLINE_MAX as u64 {
             return self.receive_streamed(store, &c, &pkg);
@@ -515,7 +510,7 @@ impl HttpServerEndpoint {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .keep_reply(c.pos, pkg.id, &reply);
-        json_bytes_response(reply)
+        json_bytes_response(StatusCode::OK, reply)
     }
 
     /// ReceiveData of a package too big for memory: the reply is encoded once into a file
@@ -579,10 +574,7 @@ impl HttpServerEndpoint {
             REPLY_FRAME,
         );
         let mut r = Response::new(Body::from_stream(stream));
-        r.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
+        r.headers_mut().insert(header::CONTENT_TYPE, JSON_UTF8);
         r.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         r
