@@ -141,14 +141,21 @@ async fn an_upload_dropped_mid_transfer_is_written_again_whole() {
 
 // ------------------------------------------------------------------ crashes
 
-/// A real process (`kkm-bridge sync`, office folder → FTP with two sessions) aborted at
-/// every commit point, then run again twice: every till ends with its packages exactly
-/// once, in order, and no temp file is left. `after-delivering` and `after-rename` fall in
-/// the middle of a batch: the batch's "delivering" commit is done and, for
-/// `after-rename`, the first of its renames.
+/// A real process (`kkm-bridge sync`, office folder → FTP) aborted at every commit point,
+/// then run again twice: every till ends with its packages exactly once, in order, and no
+/// temp file is left. `after-delivering` and `after-rename` fall in the middle of a batch:
+/// the batch's "delivering" commit is done and, for `after-rename`, the first of its
+/// renames. Twice: two sessions with one batch each (3 tills × 4), and one session with
+/// two pipelined batches (3 tills × 15: 32 + 13), where the second batch is already
+/// uploaded, not journaled, when the first one's crash point is reached.
 #[tokio::test]
 async fn a_crash_at_any_commit_point_of_an_ftp_delivery_loses_and_doubles_nothing() {
-    let (tills, per) = (3u32, 4u32);
+    for (tills, per, conns) in [(3u32, 4u32, 2u32), (3, 15, 1)] {
+        crash_at_every_point(tills, per, conns).await;
+    }
+}
+
+async fn crash_at_every_point(tills: u32, per: u32, conns: u32) {
     let spr = |pos: u32, n: u32| format!("##@@&&$$$ADD\r\n#\r\ntill {pos} package {n}\r\n");
     for point in kkm_bridge::failpoint::POINTS {
         let root = tempfile::tempdir().unwrap();
@@ -168,7 +175,7 @@ async fn a_crash_at_any_commit_point_of_an_ftp_delivery_loses_and_doubles_nothin
                 "state_dir = {:?}\n{}{}{}",
                 site.path().join("state"),
                 dir_endpoint("office", &office, ""),
-                ftp_endpoint("shopftp", &server.url, "connections = 2"),
+                ftp_endpoint("shopftp", &server.url, &format!("connections = {conns}")),
                 link("office", "shopftp", "1-3")
             ),
         )

@@ -11,10 +11,12 @@
 //! Writing: one listing per pass; the next free `.$n` above the highest listed; upload to
 //! `.kkm-bridge.<random>.tmp` (no reader matches a leading dot), check the transfer's final
 //! reply and SIZE, journal the temp and final names, RNFR/RNTO, journal "delivered" — per
-//! batch of one till's packages (`FtpEndpoint::deliver_batch`). A refused rename deletes
-//! the temp file and leaves the package queued. Single-file mode writes only when the file
-//! is absent or (spr) its line 2 is `@`. Up to `connections` sessions write at once, each
-//! taking whole tills, so a till's packages are renamed into place in order.
+//! batch of up to 32 packages, which may span tills, pipelined so that the next batch is
+//! uploaded while this one's journal commit is fsync'd (`FtpEndpoint::deliver_numbered`).
+//! A refused rename deletes the temp file, leaves the package queued and stops its till
+//! for the pass. Single-file mode writes only when the file is absent or (spr) its line 2
+//! is `@`. Up to `connections` sessions write at once, each taking whole tills, so a
+//! till's packages are renamed into place in order.
 //!
 //! Connections: at most `connections` at a time, each logged in, `TYPE I`, in the directory
 //! of the URL; every command and every transfer chunk has the `timeout`; a connection that
@@ -23,7 +25,7 @@
 //! each way, and meanwhile passes report the endpoint as failing without touching anything.
 //! A connection lost mid-operation is logged once and reconnected on the next use.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1121,31 +1123,23 @@ impl FtpEndpoint {
         Ok(report)
     }
 
-    /// One session's share of a delivery pass: whole tills from the shared list until it
-    /// is empty, or until this session's connection fails (the other sessions go on).
+    /// One session's share of a delivery pass: tills from the shared list until it is
+    /// empty, or until this session's connection fails (the other sessions go on).
     async fn deliver_worker(
         &self,
         first: Option<Session<'_>>,
         store: &Arc<Store>,
         shared: &Shared,
     ) -> DeliverReport {
-        let mut report = DeliverReport::default();
         let mut s = match first {
             Some(s) => s,
             None => self.session().await,
         };
-        loop {
-            let Some(till) = lock(&shared.tills).pop_front() else {
-                break;
-            };
-            if self
-                .deliver_till(&mut s, store, till, &shared.names, &mut report)
-                .await
-            {
-                break;
-            }
+        if self.config.numbered {
+            self.deliver_numbered(&mut s, store, shared).await
+        } else {
+            self.deliver_single_files(&mut s, store, shared).await
         }
-        report
     }
 
     /// The final name for `pkg`: numbered = the first number above the highest present
@@ -1177,75 +1171,266 @@ impl FtpEndpoint {
         }
     }
 
-    /// Writes one till's packages in order, in batches, and stops at the first one that
-    /// cannot be written now (the rest wait: order). Returns true when this session's
-    /// connection failed.
-    async fn deliver_till(
+    /// Numbered mode: batches of up to [`BATCH_MAX`] packages, filled from whole tills
+    /// taken from the shared list in turn (a batch may span tills; a till is only ever
+    /// written by one session, in order), pipelined so that the journal's fsync hides
+    /// behind the network:
+    ///
+    /// 1. batch k+1 is uploaded to its temps (invisible to tills) while batch k's
+    ///    "delivering" commit is fsync'd on the blocking pool;
+    /// 2. then batch k is renamed into place, in order (`FtpEndpoint::rename_batch`);
+    /// 3. then one journal step records batch k delivered (lazy) and batch k+1 delivering
+    ///    (durable).
+    ///
+    /// A till that fails is stopped for this pass: its packages after the failing one are
+    /// neither renamed nor uploaded (the refused ones are reset to "taken" first, the
+    /// uploaded ones not yet journaled just lose their temps), so per till the renamed
+    /// packages are always a prefix, in a crash too (recovery settles each "delivering"
+    /// row by its temp, and removes temps no row names).
+    async fn deliver_numbered(
         &self,
         s: &mut Session<'_>,
         store: &Arc<Store>,
-        pkgs: Vec<Package>,
-        names: &Mutex<Names>,
-        report: &mut DeliverReport,
-    ) -> bool {
-        let total = pkgs.len() as u64;
-        let mut done = 0u64;
-        let mut rest = pkgs.into_iter().peekable();
-        while rest.peek().is_some() {
-            let batch = if self.config.numbered {
-                let names = lock(names);
-                let mut batch: Vec<Planned> = Vec::new();
-                let mut bytes = 0u64;
-                while let Some(next) = rest.peek() {
-                    if batch.len() >= BATCH_MAX
-                        || (!batch.is_empty() && bytes + next.size > BATCH_BYTES)
-                    {
-                        break;
+        shared: &Shared,
+    ) -> DeliverReport {
+        let mut report = DeliverReport::default();
+        let mut plan = Planner::default();
+        // Batch k: uploaded, its "delivering" commit running.
+        let mut pending: Option<(Vec<Uploaded>, JournalStep)> = None;
+        let mut next = self.plan_batch(&mut plan, shared);
+        let mut next_payloads = read_payloads(store, &next);
+        loop {
+            // 1. Upload batch k+1.
+            let batch = std::mem::take(&mut next);
+            let payloads = match next_payloads.await {
+                Ok(p) => p,
+                Err(e) => {
+                    // The blocking pool is gone (shutting down): leave all to the next pass.
+                    tracing::warn!(endpoint = %self.name, "reading payloads: {e}");
+                    report.failed += batch.len() as u64 + plan.rest();
+                    if let Some((ups, step)) = pending.take() {
+                        let _ = step.wait().await;
+                        report.failed += ups.len() as u64;
                     }
-                    let pkg = rest.next().expect("peeked");
-                    let above = batch
-                        .iter()
-                        .rev()
-                        .find(|p| p.pkg.kind == pkg.kind)
-                        .and_then(|p| p.n);
-                    let (final_name, n) = self.final_name(&pkg, &names, above);
-                    bytes += pkg.size;
-                    batch.push(Planned { pkg, final_name, n });
+                    break;
                 }
-                batch
+            };
+            let up = self
+                .upload_all(s, batch, payloads, &mut plan.stopped, &mut report)
+                .await;
+            // Plan batch k+2 and read its payloads while batch k is renamed.
+            let conn_lost = up.conn_lost;
+            if !conn_lost {
+                next = self.plan_batch(&mut plan, shared);
+            }
+            next_payloads = read_payloads(store, &next);
+            // 2. Rename batch k once its "delivering" commit is durable.
+            let mut done = Vec::new();
+            let mut lost = conn_lost;
+            if let Some((ups, step)) = pending.take() {
+                match step.wait().await {
+                    Ok(()) => {
+                        crash_point("after-delivering");
+                        if lost {
+                            // Renamed or not, recovery settles them by their temps.
+                            report.failed += ups.len() as u64;
+                        } else {
+                            let r = self
+                                .rename_batch(s, store, ups, &mut plan.stopped, &mut report)
+                                .await;
+                            lost = r.conn_lost;
+                            done = r.done;
+                        }
+                    }
+                    Err(e) => {
+                        self.journal_failed(s, &e, &ups, &mut report).await;
+                        // The journal cannot be written: nothing more this pass.
+                        lost = true;
+                    }
+                }
+            }
+            // Batch k+1 loses what belongs to a till stopped since it was uploaded.
+            let mut uploaded = Vec::with_capacity(up.ok.len());
+            for u in up.ok {
+                if lost || plan.stopped.contains(&u.planned.pkg.pos) {
+                    report.busy += 1;
+                    self.drop_temp(s, &u.tmp, lost).await;
+                } else {
+                    uploaded.push(u);
+                }
+            }
+            // 3. Batch k delivered (lazy), batch k+1 delivering (durable), one step.
+            let step = journal_step(store, &done, &uploaded);
+            self.delivered(&shared.names, &done, &mut report);
+            if lost {
+                let _ = step.wait().await;
+                report.failed += next.len() as u64 + plan.rest();
+                next.clear();
+                break;
+            }
+            if uploaded.is_empty() {
+                if let Err(e) = step.wait().await {
+                    tracing::error!(endpoint = %self.name, "{e}");
+                }
+                if next.is_empty() {
+                    break;
+                }
             } else {
-                let pkg = rest.next().expect("peeked");
-                let (final_name, _) = self.final_name(&pkg, &lock(names), None);
-                let present = lock(names).present.get(&final_name).cloned();
-                match self.single_file_free(s, &pkg, &final_name, present).await {
-                    Ok(true) => vec![Planned {
-                        pkg,
-                        final_name,
-                        n: None,
-                    }],
+                pending = Some((uploaded, step));
+            }
+        }
+        // Tills stopped for this pass: what they still had queued.
+        report.busy += plan.skipped;
+        report
+    }
+
+    /// The next batch for this session: packages of its current till, then of further
+    /// tills from the shared list while the batch has room (taking a further till only
+    /// while the list has one for every session, so that sessions stay busy at the end).
+    fn plan_batch(&self, plan: &mut Planner, shared: &Shared) -> Vec<Planned> {
+        let names = lock(&shared.names);
+        let sessions = self.config.connections.max(1) as usize;
+        let mut batch: Vec<Planned> = Vec::new();
+        let mut bytes = 0u64;
+        loop {
+            if plan.till.is_empty() {
+                let mut tills = lock(&shared.tills);
+                if !batch.is_empty() && tills.len() < sessions {
+                    break;
+                }
+                match tills.pop_front() {
+                    Some(t) => plan.till = t.into(),
+                    None => break,
+                }
+            }
+            let Some(next) = plan.till.front() else {
+                continue;
+            };
+            if plan.stopped.contains(&next.pos) {
+                plan.skipped += plan.till.len() as u64;
+                plan.till.clear();
+                continue;
+            }
+            if batch.len() >= BATCH_MAX || (!batch.is_empty() && bytes + next.size > BATCH_BYTES) {
+                break;
+            }
+            let pkg = plan.till.pop_front().expect("peeked");
+            let key = (pkg.pos, pkg.kind);
+            let (final_name, n) = self.final_name(&pkg, &names, plan.highest.get(&key).copied());
+            if let Some(n) = n {
+                plan.highest.insert(key, n);
+            }
+            bytes += pkg.size;
+            batch.push(Planned { pkg, final_name, n });
+        }
+        batch
+    }
+
+    /// Single-file mode: one package at a time, each till in order; the next package of a
+    /// till is written only once the till has consumed the previous one.
+    async fn deliver_single_files(
+        &self,
+        s: &mut Session<'_>,
+        store: &Arc<Store>,
+        shared: &Shared,
+    ) -> DeliverReport {
+        let mut report = DeliverReport::default();
+        'tills: loop {
+            let Some(till) = lock(&shared.tills).pop_front() else {
+                break;
+            };
+            let mut rest = till.into_iter();
+            while let Some(pkg) = rest.next() {
+                let (final_name, _) = self.final_name(&pkg, &lock(&shared.names), None);
+                let present = lock(&shared.names).present.get(&final_name).cloned();
+                let wrote = match self.single_file_free(s, &pkg, &final_name, present).await {
+                    Ok(true) => {
+                        let planned = Planned {
+                            pkg,
+                            final_name,
+                            n: None,
+                        };
+                        self.write_one(s, store, planned, &shared.names, &mut report)
+                            .await
+                    }
                     Ok(false) => {
-                        report.busy += total - done;
-                        return false;
+                        report.busy += 1;
+                        Wrote::Stopped
                     }
                     Err(e) => {
                         self.report_fail(&e, &format!("cannot deliver {}", pkg.describe()));
                         report.failed += 1;
-                        report.busy += total - done - 1;
-                        return e.is_connection();
+                        if e.is_connection() {
+                            Wrote::ConnLost
+                        } else {
+                            Wrote::Stopped
+                        }
+                    }
+                };
+                match wrote {
+                    Wrote::Delivered => {}
+                    Wrote::Stopped => {
+                        report.busy += rest.len() as u64;
+                        continue 'tills;
+                    }
+                    Wrote::ConnLost => {
+                        report.busy += rest.len() as u64;
+                        break 'tills;
                     }
                 }
-            };
-            let outcome = self.deliver_batch(s, store, batch, names).await;
-            done += outcome.delivered;
-            report.delivered += outcome.delivered;
-            if let Some((e, what)) = outcome.failed {
-                self.report_fail(&e, &format!("cannot deliver {what}"));
-                report.failed += 1;
-                report.busy += total - done - 1;
-                return e.is_connection();
             }
         }
-        false
+        report
+    }
+
+    /// Writes one package (single-file mode): upload to a temp, "delivering" (durable),
+    /// rename, "delivered" (lazy).
+    async fn write_one(
+        &self,
+        s: &mut Session<'_>,
+        store: &Arc<Store>,
+        planned: Planned,
+        names: &Mutex<Names>,
+        report: &mut DeliverReport,
+    ) -> Wrote {
+        let payloads = match read_payloads(store, std::slice::from_ref(&planned)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(endpoint = %self.name, "reading payloads: {e}");
+                report.failed += 1;
+                return Wrote::Stopped;
+            }
+        };
+        let mut stopped = HashSet::new();
+        let up = self
+            .upload_all(s, vec![planned], payloads, &mut stopped, report)
+            .await;
+        if up.conn_lost {
+            return Wrote::ConnLost;
+        }
+        if up.ok.is_empty() {
+            return Wrote::Stopped;
+        }
+        if let Err(e) = journal_step(store, &[], &up.ok).wait().await {
+            self.journal_failed(s, &e, &up.ok, report).await;
+            return Wrote::Stopped;
+        }
+        crash_point("after-delivering");
+        let r = self
+            .rename_batch(s, store, up.ok, &mut stopped, report)
+            .await;
+        if let Err(e) = journal_step(store, &r.done, &[]).wait().await {
+            // They are in place; recover() journals them on the next pass.
+            tracing::error!(endpoint = %self.name, "{e}");
+        }
+        self.delivered(names, &r.done, report);
+        if r.conn_lost {
+            Wrote::ConnLost
+        } else if r.done.is_empty() {
+            Wrote::Stopped
+        } else {
+            Wrote::Delivered
+        }
     }
 
     /// Single-file mode: the name is free when absent, or (spr) when the present file's
@@ -1277,159 +1462,172 @@ impl FtpEndpoint {
         Ok(true)
     }
 
-    /// Writes a batch of one till's packages (in order):
-    /// 1. each is uploaded to its own temp name, its final reply and SIZE checked;
-    /// 2. one durable journal commit records every temp and final name ("delivering");
-    /// 3. RNFR/RNTO each in order; the first refusal stops the batch, and the rest are
-    ///    reset to "taken" (durably, before their temps are removed);
-    /// 4. one lazy journal commit records the renamed ones as delivered.
-    ///
-    /// A crash at any point leaves either temps no journal row names (removed on the next
-    /// start; the packages are still "taken") or "delivering" rows, which recovery settles
-    /// by the temp: gone = renamed = delivered, present = not renamed = written again. The
-    /// renamed ones are always a prefix of the batch, so order holds across a crash too.
-    async fn deliver_batch(
+    /// Uploads a batch in order, each package to its own temp name (`FtpEndpoint::upload`).
+    /// A package of a stopped till is skipped; a failed upload is reported and stops its
+    /// till; a lost connection stops the batch (what it uploaded is for the caller to drop).
+    async fn upload_all(
+        &self,
+        s: &mut Session<'_>,
+        batch: Vec<Planned>,
+        payloads: Vec<std::io::Result<crate::store::Payload>>,
+        stopped: &mut HashSet<u32>,
+        report: &mut DeliverReport,
+    ) -> UploadOutcome {
+        let mut ok = Vec::with_capacity(batch.len());
+        let mut it = batch.into_iter().zip(payloads);
+        while let Some((planned, payload)) = it.next() {
+            if stopped.contains(&planned.pkg.pos) {
+                report.busy += 1;
+                continue;
+            }
+            let what = planned.pkg.describe();
+            let r = match payload {
+                Ok(payload) => {
+                    let tmp = temp_name();
+                    self.upload(s, &tmp, &planned.pkg, payload)
+                        .await
+                        .map(|()| tmp)
+                }
+                Err(e) => Err(FtpFail::Other(
+                    anyhow::Error::new(e).context(format!("cannot read the payload of {what}")),
+                )),
+            };
+            match r {
+                Ok(tmp) => ok.push(Uploaded { planned, tmp }),
+                Err(e) => {
+                    self.report_fail(&e, &format!("cannot deliver {what}"));
+                    report.failed += 1;
+                    stopped.insert(planned.pkg.pos);
+                    if e.is_connection() {
+                        report.busy += it.len() as u64;
+                        for u in ok.drain(..) {
+                            report.busy += 1;
+                            self.drop_temp(s, &u.tmp, true).await;
+                        }
+                        return UploadOutcome {
+                            ok,
+                            conn_lost: true,
+                        };
+                    }
+                }
+            }
+        }
+        UploadOutcome {
+            ok,
+            conn_lost: false,
+        }
+    }
+
+    /// Renames a batch whose "delivering" commit is durable into place, in order. A refused
+    /// rename (e.g. 553) stops its till: that package and the till's later ones in the
+    /// batch are reset to "taken" (durably, before their temps go: once a temp is gone,
+    /// "delivering" would read as done after a crash). A lost connection stops the batch;
+    /// whether its last rename happened is for recovery to tell by the temps, as for the
+    /// rest, all journaled "delivering".
+    async fn rename_batch(
         &self,
         s: &mut Session<'_>,
         store: &Arc<Store>,
-        batch: Vec<Planned>,
-        names: &Mutex<Names>,
-    ) -> BatchOutcome {
-        let pkgs: Vec<Package> = batch.iter().map(|p| p.pkg.clone()).collect();
-        let st = store.clone();
-        let payloads = match tokio::task::spawn_blocking(move || {
-            pkgs.iter().map(|p| st.payload(p)).collect::<Vec<_>>()
-        })
-        .await
-        {
-            Ok(p) => p,
-            Err(e) => {
-                return BatchOutcome::failed(
-                    FtpFail::Other(anyhow::anyhow!("reading payloads: {e}")),
-                    batch[0].pkg.describe(),
-                )
+        ups: Vec<Uploaded>,
+        stopped: &mut HashSet<u32>,
+        report: &mut DeliverReport,
+    ) -> RenameOutcome {
+        let mut done = Vec::with_capacity(ups.len());
+        let mut reset: Vec<Uploaded> = Vec::new();
+        let mut it = ups.into_iter();
+        while let Some(u) = it.next() {
+            if stopped.contains(&u.planned.pkg.pos) {
+                report.busy += 1;
+                reset.push(u);
+                continue;
             }
-        };
-        // 1. Upload.
-        let mut uploaded: Vec<(Planned, String)> = Vec::with_capacity(batch.len());
-        let mut upload_fail = None;
-        for (p, payload) in batch.into_iter().zip(payloads) {
-            let payload = match payload {
-                Ok(payload) => payload,
-                Err(e) => {
-                    let what = p.pkg.describe();
-                    upload_fail = Some((
-                        FtpFail::Other(
-                            anyhow::Error::new(e)
-                                .context(format!("cannot read the payload of {what}")),
-                        ),
-                        what,
-                    ));
-                    break;
-                }
-            };
-            let tmp = temp_name();
-            match self.upload(s, &tmp, &p.pkg, payload).await {
-                Ok(()) => uploaded.push((p, tmp)),
-                Err(e) => {
-                    upload_fail = Some((e, p.pkg.describe()));
-                    break;
-                }
-            }
-        }
-        if uploaded.is_empty() {
-            return BatchOutcome {
-                delivered: 0,
-                failed: upload_fail,
-            };
-        }
-        // 2. Journal "delivering" (durable: it is what tells a crash after a rename apart).
-        let rows: Vec<(i64, String, String)> = uploaded
-            .iter()
-            .map(|(p, tmp)| (p.pkg.id, p.final_name.clone(), tmp.clone()))
-            .collect();
-        if let Err(e) = blocking(store, move |st| st.mark_delivering_batch(&rows)).await {
-            for (_, tmp) in &uploaded {
-                if s.dele(tmp).await.is_err() {
-                    lock(&self.orphans).push(tmp.clone());
-                }
-            }
-            return BatchOutcome::failed(e, uploaded[0].0.pkg.describe());
-        }
-        crash_point("after-delivering");
-        // 3. Rename, in order.
-        let mut renamed = 0usize;
-        let mut rename_fail = None;
-        for (p, tmp) in &uploaded {
-            let final_name = p.final_name.as_str();
-            match s.rename(tmp, final_name).await {
+            match s.rename(&u.tmp, &u.planned.final_name).await {
                 Ok(()) => {
-                    renamed += 1;
                     crash_point("after-rename");
-                }
-                Err(e) if e.is_connection() => {
-                    // Whether this rename happened is unknown: recover() decides by the
-                    // temps of this one and of the rest, all journaled "delivering".
-                    rename_fail = Some((e, p.pkg.describe()));
-                    break;
+                    done.push(u);
                 }
                 Err(e) => {
-                    // Refused (e.g. 553): this one and the rest wait for the next pass, and
-                    // leave nothing behind. The journal is reset before the temps go: once a
-                    // temp is gone, "delivering" would read as done after a crash.
-                    let ids: Vec<i64> = uploaded[renamed..].iter().map(|(p, _)| p.pkg.id).collect();
-                    match blocking(store, move |st| st.reset_to_taken_batch(&ids)).await {
-                        Ok(()) => {
-                            for (_, t) in &uploaded[renamed..] {
-                                if let Err(e2) = s.dele(t).await {
-                                    tracing::warn!(endpoint = %self.name, file = %t, "cannot delete the temp file after a refused rename (removed on a later pass): {e2}");
-                                    lock(&self.orphans).push(t.clone());
-                                }
-                            }
-                        }
-                        Err(e3) => {
-                            // Still "delivering" with their temps: recover() resets them.
-                            tracing::error!(endpoint = %self.name, "{e3}");
-                        }
+                    self.report_fail(&e, &format!("cannot deliver {}", u.planned.pkg.describe()));
+                    report.failed += 1;
+                    if e.is_connection() {
+                        report.busy += (reset.len() + it.len()) as u64;
+                        return RenameOutcome {
+                            done,
+                            conn_lost: true,
+                        };
                     }
-                    rename_fail = Some((e, p.pkg.describe()));
-                    break;
+                    stopped.insert(u.planned.pkg.pos);
+                    reset.push(u);
                 }
             }
         }
-        // 4. Journal "delivered" (lazy: recovery would find these temps gone).
-        let done = &uploaded[..renamed];
-        let rows: Vec<(i64, Option<String>, Option<i64>)> = done
-            .iter()
-            .map(|(p, _)| (p.pkg.id, Some(p.final_name.clone()), p.n.map(i64::from)))
-            .collect();
-        if let Err(e) = blocking(store, move |st| st.mark_delivered_batch(&rows)).await {
-            // They are in place; recover() journals them on the next pass.
-            tracing::error!(endpoint = %self.name, "{e}");
-        }
-        {
-            let mut names = lock(names);
-            for (p, _) in done {
-                if let Some(n) = p.n {
-                    names.highest.insert((p.pkg.pos, p.pkg.kind), n);
+        if !reset.is_empty() {
+            let ids: Vec<i64> = reset.iter().map(|u| u.planned.pkg.id).collect();
+            let st = store.clone();
+            match tokio::task::spawn_blocking(move || st.reset_to_taken_batch(&ids)).await {
+                Ok(Ok(())) => {
+                    for u in &reset {
+                        self.drop_temp(s, &u.tmp, false).await;
+                    }
                 }
-                names.present.insert(
-                    p.final_name.clone(),
-                    Entry {
-                        name: p.final_name.clone(),
-                        size: p.pkg.size,
-                        is_file: true,
-                    },
-                );
+                // Still "delivering" with their temps: recover() resets them.
+                Ok(Err(e)) => tracing::error!(endpoint = %self.name, "{e}"),
+                Err(e) => tracing::error!(endpoint = %self.name, "journal step: {e}"),
             }
         }
-        for (p, _) in done {
+        RenameOutcome {
+            done,
+            conn_lost: false,
+        }
+    }
+
+    /// A batch whose "delivering" commit failed: its packages stay "taken", their temps go.
+    async fn journal_failed(
+        &self,
+        s: &mut Session<'_>,
+        e: &FtpFail,
+        ups: &[Uploaded],
+        report: &mut DeliverReport,
+    ) {
+        if let Some(u) = ups.first() {
+            self.report_fail(e, &format!("cannot deliver {}", u.planned.pkg.describe()));
+        }
+        report.failed += 1;
+        report.busy += ups.len().saturating_sub(1) as u64;
+        for u in ups {
+            self.drop_temp(s, &u.tmp, false).await;
+        }
+    }
+
+    /// Removes a temp no journal row names: now, or on the next recovery when the
+    /// connection is lost or the DELE fails.
+    async fn drop_temp(&self, s: &mut Session<'_>, tmp: &str, lost: bool) {
+        if lost || s.dele(tmp).await.is_err() {
+            lock(&self.orphans).push(tmp.to_string());
+        }
+    }
+
+    /// Packages renamed into place (and journaled delivered, lazily): the pass's names and
+    /// the log.
+    fn delivered(&self, names: &Mutex<Names>, done: &[Uploaded], report: &mut DeliverReport) {
+        report.delivered += done.len() as u64;
+        let mut names = lock(names);
+        for u in done {
+            let p = &u.planned;
+            if let Some(n) = p.n {
+                let h = names.highest.entry((p.pkg.pos, p.pkg.kind)).or_insert(0);
+                *h = (*h).max(n);
+            }
+            names.present.insert(
+                p.final_name.clone(),
+                Entry {
+                    name: p.final_name.clone(),
+                    size: p.pkg.size,
+                    is_file: true,
+                },
+            );
             let pkg = &p.pkg;
             tracing::info!(endpoint = %self.name, link = %pkg.link, till = pkg.pos, kind = %pkg.kind, package = pkg.id, bytes = pkg.size, "delivered {}", p.final_name);
-        }
-        BatchOutcome {
-            delivered: renamed as u64,
-            failed: rename_fail.or(upload_fail),
         }
     }
 
@@ -1511,33 +1709,105 @@ struct Planned {
     n: Option<u32>,
 }
 
-/// What a batch did: how many were delivered (a prefix of the batch), and the first
-/// package that was not, with why.
-struct BatchOutcome {
-    delivered: u64,
-    failed: Option<(FtpFail, String)>,
+/// A package uploaded to its temp name.
+struct Uploaded {
+    planned: Planned,
+    tmp: String,
 }
 
-impl BatchOutcome {
-    fn failed(e: FtpFail, what: String) -> BatchOutcome {
-        BatchOutcome {
-            delivered: 0,
-            failed: Some((e, what)),
+struct UploadOutcome {
+    /// Uploaded, in order.
+    ok: Vec<Uploaded>,
+    conn_lost: bool,
+}
+
+struct RenameOutcome {
+    /// Renamed into place, in order.
+    done: Vec<Uploaded>,
+    conn_lost: bool,
+}
+
+/// How writing one package (single-file mode) ended.
+enum Wrote {
+    Delivered,
+    /// Not written now (reported); the till's later packages wait for the next pass.
+    Stopped,
+    ConnLost,
+}
+
+/// A session's planning state in numbered mode.
+#[derive(Default)]
+struct Planner {
+    /// The rest of the till being planned, in order.
+    till: VecDeque<Package>,
+    /// The last `.$n` planned per till and kind: the next is planned above it.
+    highest: HashMap<(u32, Kind), u32>,
+    /// Tills stopped for this pass by a failure.
+    stopped: HashSet<u32>,
+    /// Packages of stopped tills that were never planned.
+    skipped: u64,
+}
+
+impl Planner {
+    /// Packages of the current till not planned yet.
+    fn rest(&self) -> u64 {
+        self.till.len() as u64
+    }
+}
+
+/// A journal step running on the blocking pool (a durable commit waits for an fsync; the
+/// session goes on meanwhile).
+struct JournalStep(tokio::task::JoinHandle<crate::store::Result<()>>);
+
+impl JournalStep {
+    async fn wait(self) -> Result<(), FtpFail> {
+        match self.0.await {
+            Ok(r) => r.map_err(FtpFail::from),
+            Err(e) => Err(FtpFail::Other(anyhow::anyhow!("journal step: {e}"))),
         }
     }
 }
 
-/// Runs a journal step on the blocking pool (a durable commit waits for an fsync; the
-/// other sessions go on meanwhile).
-async fn blocking(
-    store: &Arc<Store>,
-    f: impl FnOnce(&Store) -> crate::store::Result<()> + Send + 'static,
-) -> Result<(), FtpFail> {
+/// One journal step for the pipeline: `done` delivered (a lazy commit: each was renamed
+/// after a durable "delivering" with its temp, so recovery can redo it), then
+/// `delivering` begun (durable: it is what tells a crash after a rename apart).
+fn journal_step(store: &Arc<Store>, done: &[Uploaded], delivering: &[Uploaded]) -> JournalStep {
+    let delivered: Vec<(i64, Option<String>, Option<i64>)> = done
+        .iter()
+        .map(|u| {
+            let p = &u.planned;
+            (p.pkg.id, Some(p.final_name.clone()), p.n.map(i64::from))
+        })
+        .collect();
+    let rows: Vec<(i64, String, String)> = delivering
+        .iter()
+        .map(|u| {
+            (
+                u.planned.pkg.id,
+                u.planned.final_name.clone(),
+                u.tmp.clone(),
+            )
+        })
+        .collect();
     let st = store.clone();
-    match tokio::task::spawn_blocking(move || f(&st)).await {
-        Ok(r) => r.map_err(FtpFail::from),
-        Err(e) => Err(FtpFail::Other(anyhow::anyhow!("journal step: {e}"))),
-    }
+    JournalStep(tokio::task::spawn_blocking(move || {
+        if let Err(e) = st.mark_delivered_batch(&delivered) {
+            // They are in place; recover() journals them on the next pass.
+            tracing::error!("{e}");
+        }
+        st.mark_delivering_batch(&rows)
+    }))
+}
+
+/// Reads the payloads of a batch on the blocking pool (inline ones from the journal, big
+/// ones as open spool files).
+fn read_payloads(
+    store: &Arc<Store>,
+    batch: &[Planned],
+) -> tokio::task::JoinHandle<Vec<std::io::Result<crate::store::Payload>>> {
+    let pkgs: Vec<Package> = batch.iter().map(|p| p.pkg.clone()).collect();
+    let st = store.clone();
+    tokio::task::spawn_blocking(move || pkgs.iter().map(|p| st.payload(p)).collect())
 }
 
 /// Reads a spool file in chunks of [`FILE_CHUNK`] into `tx` (on the blocking pool), in

@@ -268,6 +268,8 @@ pub static VSFTPD: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 pub struct Faults {
     /// RNTO answers 553.
     pub refuse_renames: std::sync::atomic::AtomicU32,
+    /// RNTO to one of these names answers 553, once per name.
+    pub refuse_renames_to: std::sync::Mutex<Vec<String>>,
     /// RETR sends half the file, then the data connection breaks.
     pub cut_downloads: std::sync::atomic::AtomicU32,
     /// LIST takes `slow_list_ms` before answering.
@@ -420,7 +422,21 @@ impl<U: unftp_core::auth::UserDetail> unftp_core::storage::StorageBackend<U> for
         from: P,
         to: P,
     ) -> unftp_core::storage::Result<()> {
-        if take_fault(&self.faults.refuse_renames) {
+        let named = {
+            let mut names = self.faults.refuse_renames_to.lock().unwrap();
+            let to = to
+                .as_ref()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned());
+            match names.iter().position(|n| Some(n) == to.as_ref()) {
+                Some(i) => {
+                    names.remove(i);
+                    true
+                }
+                None => false,
+            }
+        };
+        if named || take_fault(&self.faults.refuse_renames) {
             return Err(unftp_core::storage::ErrorKind::FileNameNotAllowedError.into());
         }
         self.inner.rename(user, from, to).await
