@@ -1044,7 +1044,7 @@ impl FtpEndpoint {
     /// One listing, then up to `connections` sessions at once, each taking whole tills from
     /// one shared list: all packages of a till are written by one session, in order, so
     /// package k+1 of a till never gets its final name before package k. Per till, packages
-    /// go in batches (`FtpEndpoint::deliver_batch`).
+    /// go in batches (`FtpEndpoint::deliver_numbered`).
     pub async fn deliver(
         &self,
         store: &Arc<Store>,
