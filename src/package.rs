@@ -143,6 +143,18 @@ pub fn temp_name() -> String {
     format!("{TEMP_PREFIX}{r:016x}{TEMP_SUFFIX}")
 }
 
+/// A random tag for the temps of one batch: `temp_name_tagged(tag, i)` names them
+/// `.kkm-bridge.<tag>-<i>.tmp`, so that one glob lists them all.
+pub fn temp_tag() -> String {
+    use rand::Rng;
+    let r: u64 = rand::thread_rng().gen();
+    format!("{r:016x}")
+}
+
+pub fn temp_name_tagged(tag: &str, i: usize) -> String {
+    format!("{TEMP_PREFIX}{tag}-{i}{TEMP_SUFFIX}")
+}
+
 pub fn is_temp_name(name: &str) -> bool {
     name.starts_with(TEMP_PREFIX) && name.ends_with(TEMP_SUFFIX)
 }

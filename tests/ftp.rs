@@ -606,6 +606,38 @@ async fn a_refused_rename_stops_only_its_till_across_pipelined_batches() {
     assert!(dir_names(office.path()).is_empty());
 }
 
+/// A server that answers 226 but keeps fewer bytes (line ends converted, a data connection
+/// cut by a middlebox with a clean FIN): the size check catches it before the rename, the
+/// temp goes, the till stops for the pass, other tills go on, and the next pass writes it
+/// whole.
+#[tokio::test]
+async fn a_short_upload_answered_226_is_caught_by_the_size_check() {
+    let root = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::default());
+    let server = Server::unftp_with(root.path(), faults.clone());
+    let office = tempfile::tempdir().unwrap();
+    office_packages(office.path(), 2, 3);
+    let b = bridge(&format!(
+        "{}{}{}",
+        dir_endpoint("office", office.path(), ""),
+        ftp_endpoint("shopftp", &server.url, "connections = 1"),
+        link("office", "shopftp", "1-2")
+    ));
+    faults
+        .short_uploads
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = b.pass().await;
+    assert_eq!((r.taken, r.delivered, r.queued), (6, 3, 3), "{r:?}");
+    assert_eq!(
+        server.names().await,
+        ["POS2.spr.$1", "POS2.spr.$2", "POS2.spr.$3"],
+        "no temp left, till 1 waits"
+    );
+    let r = b.pass().await;
+    assert_eq!((r.delivered, r.queued), (3, 0), "{r:?}");
+    assert_delivered_in_order(&server, 2, 3).await;
+}
+
 /// The data connection drops mid-download: nothing is taken, the file stays on the server,
 /// and the next pass takes it whole.
 #[tokio::test]
@@ -723,6 +755,18 @@ fn parallel_sessions_keep_each_tills_order(
             .map(|(id, _)| *id)
             .collect();
         assert!(sessions_renaming.len() >= 2, "{sessions_renaming:?}");
+        // Sizes are checked per batch with one STAT listing on vsftpd; libunftp does not
+        // glob in STAT, so there each temp gets a SIZE.
+        let count = |p: &str| cmds.iter().filter(|(_, c)| c.starts_with(p)).count();
+        match server.kind {
+            ServerKind::Vsftpd => assert!(
+                count("STAT") >= 4 && count("SIZE") == 0,
+                "STAT {} SIZE {}",
+                count("STAT"),
+                count("SIZE")
+            ),
+            ServerKind::Unftp(_) => assert_eq!(count("SIZE"), 48),
+        }
         let renames = proxy.renames();
         assert_eq!(renames.len(), 48);
         assert_renames_in_order(&renames);

@@ -38,7 +38,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{DeliverReport, Role, Routes, TakeReport, WarnOnce};
 use crate::config::FtpConfig;
 use crate::failpoint::crash_point;
-use crate::package::{is_temp_name, spr_marked_loaded, temp_name, Kind, NamePattern, Package};
+use crate::package::{
+    is_temp_name, spr_marked_loaded, temp_name_tagged, temp_tag, Kind, NamePattern, Package,
+    TEMP_PREFIX, TEMP_SUFFIX,
+};
 use crate::store::Store;
 
 /// The control connection: plain, or after `AUTH TLS` with protected data connections.
@@ -305,6 +308,8 @@ pub struct FtpEndpoint {
     orphans: Mutex<Vec<String>>,
     /// Whether the server understands `LIST -a` (shows dot files on vsftpd).
     list_a: AtomicBool,
+    /// Whether `STAT <glob>` lists a batch's temps (vsftpd, ProFTPD); else SIZE each.
+    stat_glob: AtomicBool,
     /// `tls = "explicit"`: the TLS client (one config, so sessions resume on the data
     /// connections, as vsftpd's `require_ssl_reuse` wants).
     tls: Option<tokio_rustls::TlsConnector>,
@@ -526,6 +531,25 @@ impl Session<'_> {
         }
     }
 
+    /// `STAT <glob>`: the matching entries, listed on the control connection (no data
+    /// connection). Lines that are not listing lines are skipped.
+    async fn stat_glob(&mut self, pattern: &str) -> Result<Vec<Entry>, FtpFail> {
+        use suppaftp::Status;
+        let r = cmd!(self, format!("STAT {pattern}"), |f| f.custom_command(
+            format!("STAT {pattern}"),
+            // Not 211 (System): suppaftp would end the reply at its first line. A server
+            // answering 211 costs one reconnect, then SIZE is used.
+            &[Status::File, Status::Directory]
+        ))?;
+        let text = String::from_utf8_lossy(&r.body);
+        Ok(text
+            .lines()
+            .filter(|l| !(l.len() >= 4 && l.as_bytes()[..3].iter().all(u8::is_ascii_digit)))
+            .filter_map(|l| parse_list_line(l.trim()))
+            .filter(|e| e.is_file)
+            .collect())
+    }
+
     /// RNFR/RNTO.
     async fn rename(&mut self, from: &str, to: &str) -> Result<(), FtpFail> {
         cmd!(self, format!("RNFR {from} / RNTO {to}"), |f| f
@@ -654,6 +678,7 @@ impl FtpEndpoint {
             seen: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Vec::new()),
             list_a: AtomicBool::new(true),
+            stat_glob: AtomicBool::new(true),
             tls,
             config,
         })
@@ -1474,8 +1499,9 @@ impl FtpEndpoint {
         report: &mut DeliverReport,
     ) -> UploadOutcome {
         let mut ok = Vec::with_capacity(batch.len());
-        let mut it = batch.into_iter().zip(payloads);
-        while let Some((planned, payload)) = it.next() {
+        let tag = temp_tag();
+        let mut it = batch.into_iter().zip(payloads).enumerate();
+        while let Some((i, (planned, payload))) = it.next() {
             if stopped.contains(&planned.pkg.pos) {
                 report.busy += 1;
                 continue;
@@ -1483,7 +1509,7 @@ impl FtpEndpoint {
             let what = planned.pkg.describe();
             let r = match payload {
                 Ok(payload) => {
-                    let tmp = temp_name();
+                    let tmp = temp_name_tagged(&tag, i);
                     self.upload(s, &tmp, &planned.pkg, payload)
                         .await
                         .map(|()| tmp)
@@ -1512,9 +1538,130 @@ impl FtpEndpoint {
                 }
             }
         }
+        self.check_sizes(s, &tag, ok, stopped, report).await
+    }
+
+    /// Checks the server's size of every temp of a batch against its package: one
+    /// `STAT .kkm-bridge.<tag>-*.tmp` for all (a listing on the control connection), SIZE
+    /// for any it does not show. The check stays although each upload's final reply
+    /// already said "complete": a server that ignores `TYPE I` (line ends converted) or a
+    /// data connection cut by a middlebox with a clean FIN both end in `226` with other
+    /// bytes on the server, and a till must never load a truncated price list. A temp of
+    /// the wrong size is removed and stops its till, like a failed upload.
+    async fn check_sizes(
+        &self,
+        s: &mut Session<'_>,
+        tag: &str,
+        ups: Vec<Uploaded>,
+        stopped: &mut HashSet<u32>,
+        report: &mut DeliverReport,
+    ) -> UploadOutcome {
+        let mut sizes: HashMap<String, u64> = HashMap::new();
+        let stat = ups.len() > 1 && self.stat_glob.load(Ordering::Relaxed);
+        if stat {
+            match s
+                .stat_glob(&format!("{TEMP_PREFIX}{tag}-*{TEMP_SUFFIX}"))
+                .await
+            {
+                Ok(entries) => {
+                    sizes.extend(entries.into_iter().map(|e| (e.name, e.size)));
+                }
+                Err(e) if e.is_connection() => return self.lost_batch(s, e, ups, report).await,
+                Err(e) => {
+                    tracing::debug!(endpoint = %self.name, "STAT refused ({e}); SIZE of each temp instead");
+                    self.stat_glob.store(false, Ordering::Relaxed);
+                }
+            }
+        }
+        let listed = sizes.len();
+        let mut ok = Vec::with_capacity(ups.len());
+        let mut it = ups.into_iter();
+        while let Some(u) = it.next() {
+            if stopped.contains(&u.planned.pkg.pos) {
+                report.busy += 1;
+                self.drop_temp(s, &u.tmp, false).await;
+                continue;
+            }
+            let want = u.planned.pkg.size;
+            let have = match sizes.get(&u.tmp) {
+                Some(n) => Some(*n),
+                None => match s.size(&u.tmp).await {
+                    Ok(n) => n,
+                    Err(e) if e.code().is_some_and(|c| (500..=504).contains(&c)) => {
+                        tracing::debug!(endpoint = %self.name, "SIZE not supported ({e}); size check skipped");
+                        Some(want)
+                    }
+                    Err(e) if e.is_connection() => {
+                        let mut rest = vec![u];
+                        rest.append(&mut ok);
+                        rest.extend(it);
+                        return self.lost_batch(s, e, rest, report).await;
+                    }
+                    Err(e) => {
+                        self.upload_failed(s, e, &u, stopped, report).await;
+                        continue;
+                    }
+                },
+            };
+            match have {
+                Some(n) if n == want => ok.push(u),
+                other => {
+                    let why = match other {
+                        Some(n) => format!("the server has {n} bytes of {want}"),
+                        None => "the uploaded temp file is gone".to_string(),
+                    };
+                    let e =
+                        FtpFail::Other(anyhow::anyhow!("upload of {} incomplete: {why}", u.tmp));
+                    self.upload_failed(s, e, &u, stopped, report).await;
+                }
+            }
+        }
+        if stat && listed == 0 && !ok.is_empty() {
+            // SIZE found what STAT did not show: this server does not list that way.
+            tracing::debug!(endpoint = %self.name, "STAT does not list the temps; SIZE of each temp instead");
+            self.stat_glob.store(false, Ordering::Relaxed);
+        }
         UploadOutcome {
             ok,
             conn_lost: false,
+        }
+    }
+
+    /// A temp that failed its check: reported, removed, and its till stopped for the pass.
+    async fn upload_failed(
+        &self,
+        s: &mut Session<'_>,
+        e: FtpFail,
+        u: &Uploaded,
+        stopped: &mut HashSet<u32>,
+        report: &mut DeliverReport,
+    ) {
+        self.report_fail(&e, &format!("cannot deliver {}", u.planned.pkg.describe()));
+        report.failed += 1;
+        stopped.insert(u.planned.pkg.pos);
+        self.drop_temp(s, &u.tmp, false).await;
+    }
+
+    /// The connection was lost while a batch's temps were checked: the batch is not
+    /// journaled, its temps are removed on the next recovery.
+    async fn lost_batch(
+        &self,
+        s: &mut Session<'_>,
+        e: FtpFail,
+        ups: Vec<Uploaded>,
+        report: &mut DeliverReport,
+    ) -> UploadOutcome {
+        if let Some(u) = ups.first() {
+            self.report_fail(&e, &format!("cannot deliver {}", u.planned.pkg.describe()));
+        }
+        report.failed += 1;
+        report.busy += ups.len().saturating_sub(1) as u64;
+        for u in &ups {
+            self.drop_temp(s, &u.tmp, true).await;
+        }
+        UploadOutcome {
+            ok: Vec::new(),
+            conn_lost: true,
         }
     }
 
@@ -1631,12 +1778,9 @@ impl FtpEndpoint {
         }
     }
 
-    /// STOR to `tmp`, then checks it: our byte count, the final reply (in `stor`), and the
-    /// server's SIZE of the temp. The SIZE check stays although the final reply already
-    /// says "complete": a server that ignores `TYPE I` (line ends converted) or a data
-    /// connection cut by a middlebox with a clean FIN both end in `226` with other bytes
-    /// on the server, and a till must never load a truncated price list. It is one round
-    /// trip per package. On failure the temp is removed now, or on a later pass.
+    /// STOR to `tmp` and checks our byte count and the final reply (in `stor`); the
+    /// server's size of the temp is checked per batch (`FtpEndpoint::check_sizes`). On
+    /// failure the temp is removed now, or on a later pass.
     async fn upload(
         &self,
         s: &mut Session<'_>,
@@ -1654,26 +1798,13 @@ impl FtpEndpoint {
                 return Err(e);
             }
         };
-        let check = if sent != pkg.size {
-            Err(format!("sent {sent} bytes, the package has {}", pkg.size))
-        } else {
-            match s.size(tmp).await {
-                Ok(Some(n)) if n == pkg.size => Ok(()),
-                Ok(Some(n)) => Err(format!("the server has {n} bytes of {}", pkg.size)),
-                Ok(None) => Err("the uploaded temp file is gone".into()),
-                Err(e) if e.code().is_some_and(|c| (500..=504).contains(&c)) => {
-                    tracing::debug!(endpoint = %self.name, "SIZE not supported ({e}); size check skipped");
-                    Ok(())
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        if let Err(why) = check {
+        if sent != pkg.size {
             if s.dele(tmp).await.is_err() {
                 lock(&self.orphans).push(tmp.to_string());
             }
             return Err(FtpFail::Other(anyhow::anyhow!(
-                "upload of {tmp} incomplete: {why}"
+                "upload of {tmp} incomplete: sent {sent} bytes, the package has {}",
+                pkg.size
             )));
         }
         Ok(())
