@@ -310,6 +310,8 @@ pub struct FtpEndpoint {
     list_a: AtomicBool,
     /// Whether `STAT <glob>` lists a batch's temps (vsftpd, ProFTPD); else SIZE each.
     stat_glob: AtomicBool,
+    /// Whether RNFR and RNTO may go in one write (the server says it is vsftpd).
+    pipeline_renames: AtomicBool,
     /// `tls = "explicit"`: the TLS client (one config, so sessions resume on the data
     /// connections, as vsftpd's `require_ssl_reuse` wants).
     tls: Option<tokio_rustls::TlsConnector>,
@@ -550,10 +552,20 @@ impl Session<'_> {
             .collect())
     }
 
-    /// RNFR/RNTO.
+    /// RNFR/RNTO. On a plain connection to vsftpd both go in one write, so the pair costs
+    /// one round trip instead of two (`rename_pipelined`); elsewhere one after the other.
     async fn rename(&mut self, from: &str, to: &str) -> Result<(), FtpFail> {
-        cmd!(self, format!("RNFR {from} / RNTO {to}"), |f| f
-            .rename(from, to))
+        let pipeline = self.ep.tls.is_none() && self.ep.pipeline_renames.load(Ordering::Relaxed);
+        let safe = |n: &str| !n.contains(['\r', '\n', '\0']);
+        if pipeline && safe(from) && safe(to) {
+            let switch = &self.ep.pipeline_renames;
+            cmd!(self, format!("RNFR {from} / RNTO {to}"), |f| {
+                rename_pipelined(f, from, to, switch)
+            })
+        } else {
+            cmd!(self, format!("RNFR {from} / RNTO {to}"), |f| f
+                .rename(from, to))
+        }
     }
 
     /// DELE; Ok(false) when the file is already gone (550).
@@ -564,6 +576,54 @@ impl Session<'_> {
             Err(e) => Err(e),
         }
     }
+}
+
+/// RNFR and RNTO in one write on a plain control connection, then both replies in order.
+/// The RNTO needs nothing from the RNFR's reply: if the RNFR fails, the server answers the
+/// RNTO with 503 (no RNFR pending), both replies are read, and the connection stays in
+/// step. suppaftp has no pipelining, so the two lines are written to its control socket
+/// directly (`get_ref`); this is safe because suppaftp writes commands unbuffered and
+/// reads replies through its own buffer, which the next `read_response_in` uses.
+///
+/// A server that answers the RNTO before the RNFR (the RNTO's slot holds the 350) gets
+/// the pair again one after the other, and no more pipelining (`switch`).
+async fn rename_pipelined(
+    f: &mut AsyncFtpStream,
+    from: &str,
+    to: &str,
+    switch: &AtomicBool,
+) -> Result<(), FtpError> {
+    use suppaftp::Status;
+    let lines = format!("RNFR {from}\r\nRNTO {to}\r\n");
+    {
+        let sock = f.get_ref().await;
+        let mut rest = lines.as_bytes();
+        while !rest.is_empty() {
+            sock.writable().await.map_err(FtpError::ConnectionError)?;
+            match sock.try_write(rest) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(FtpError::ConnectionError(e)),
+            }
+        }
+    }
+    let rnfr = f.read_response_in(&[Status::RequestFilePending]).await;
+    if let Err(FtpError::ConnectionError(e)) = rnfr {
+        return Err(FtpError::ConnectionError(e));
+    }
+    // Some servers (e.g. bftpd) answer RNTO with 200 instead of 250.
+    let rnto = f
+        .read_response_in(&[Status::RequestedFileActionOk, Status::CommandOk])
+        .await;
+    if let Err(FtpError::UnexpectedResponse(r)) = &rnto {
+        if r.status == Status::RequestFilePending {
+            tracing::warn!("the FTP server answered a pipelined RNTO before its RNFR; renaming one command at a time from now on");
+            switch.store(false, Ordering::Relaxed);
+            return f.rename(from, to).await;
+        }
+    }
+    rnfr?;
+    rnto.map(|_| ())
 }
 
 /// The TLS client of an endpoint with `tls = "explicit"`, None for plain FTP.
@@ -679,6 +739,7 @@ impl FtpEndpoint {
             orphans: Mutex::new(Vec::new()),
             list_a: AtomicBool::new(true),
             stat_glob: AtomicBool::new(true),
+            pipeline_renames: AtomicBool::new(false),
             tls,
             config,
         })
@@ -792,6 +853,11 @@ impl FtpEndpoint {
         match tokio::time::timeout(self.config.timeout, self.login()).await {
             Ok(Ok(ftp)) => {
                 self.up();
+                // Pipelined renames only where they are known to work: vsftpd answers
+                // commands in order. libunftp, for one, answers an RNTO sent right behind
+                // its RNFR before the RNFR.
+                let vsftpd = ftp.get_welcome_msg().is_some_and(|m| m.contains("vsFTPd"));
+                self.pipeline_renames.store(vsftpd, Ordering::Relaxed);
                 Ok(ftp)
             }
             Ok(Err(e)) => {
