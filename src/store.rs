@@ -129,7 +129,9 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 pub struct SpoolWriter {
     sink: Sink,
     spool: PathBuf,
-    hasher: Sha256,
+    /// None when the caller hashes the bytes itself, on another thread
+    /// ([`SpoolWriter::unhashed`], [`SpoolWriter::finish_hashed`]).
+    hasher: Option<Sha256>,
     size: u64,
     /// Set by [`SpoolWriter::finish`]; a writer dropped before (a failed copy, a full
     /// disk) removes its partial file, so failures do not fill the disk further.
@@ -149,7 +151,9 @@ impl Write for SpoolWriter {
         if let Sink::Memory(mem) = &mut self.sink {
             if mem.len() + buf.len() <= INLINE_MAX {
                 mem.extend_from_slice(buf);
-                self.hasher.update(buf);
+                if let Some(h) = &mut self.hasher {
+                    h.update(buf);
+                }
                 self.size += buf.len() as u64;
                 return Ok(buf.len());
             }
@@ -166,7 +170,9 @@ impl Write for SpoolWriter {
             unreachable!("spilled above")
         };
         let n = file.write(buf)?;
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.size += n as u64;
         if self.size - *written_back >= WRITEBACK_STEP {
             start_writeback(file, *written_back, self.size - *written_back);
@@ -208,7 +214,33 @@ impl SpoolWriter {
     /// Makes the payload durable: a spool file and its directory are fsync'd; an inline
     /// payload becomes durable with its journal row.
     pub fn finish(mut self) -> io::Result<Spooled> {
-        let sha256 = hex::encode(std::mem::take(&mut self.hasher).finalize());
+        let sha256 = match self.hasher.take() {
+            Some(h) => hex::encode(h.finalize()),
+            None => {
+                return Err(io::Error::other(
+                    "an unhashed spool writer is finished with finish_hashed",
+                ))
+            }
+        };
+        self.finish_inner(sha256)
+    }
+
+    /// A writer that does not hash: for a caller that hashes the same bytes on a thread of
+    /// its own (the hash and the page-cache copy of a big download then run on two cores)
+    /// and passes the result to [`SpoolWriter::finish_hashed`].
+    pub fn unhashed(mut self) -> SpoolWriter {
+        self.hasher = None;
+        self
+    }
+
+    /// [`SpoolWriter::finish`] for an [`SpoolWriter::unhashed`] writer: `sha256` (hex) is
+    /// the hash of exactly the bytes written.
+    pub fn finish_hashed(self, sha256: String) -> io::Result<Spooled> {
+        debug_assert!(self.hasher.is_none(), "finish_hashed on a hashing writer");
+        self.finish_inner(sha256)
+    }
+
+    fn finish_inner(mut self, sha256: String) -> io::Result<Spooled> {
         let size = self.size;
         let spooled = match &mut self.sink {
             Sink::Memory(mem) => Spooled {
@@ -718,7 +750,7 @@ impl Store {
         Ok(SpoolWriter {
             sink: Sink::Memory(Vec::new()),
             spool: self.spool.clone(),
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
             size: 0,
             finished: false,
         })

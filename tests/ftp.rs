@@ -669,6 +669,56 @@ async fn download_dropped_mid_transfer_is_retried_whole() {
     assert!(server.names().await.is_empty());
 }
 
+/// Files under `spool/` of a bridge's state directory.
+fn spool_files(b: &Bridge) -> usize {
+    walkdir::WalkDir::new(b.pump.store.dir().join("spool"))
+        .into_iter()
+        .filter(|e| e.as_ref().is_ok_and(|e| e.file_type().is_file()))
+        .count()
+}
+
+/// A big package is written to its spool file by a writer thread while the next chunk is
+/// read from the network. Cut in the middle: nothing taken, the partial spool file gone,
+/// the file still on the server; the next passes take it whole, once.
+#[tokio::test]
+async fn big_download_dropped_mid_transfer_leaves_no_spool_file_and_is_retried_whole() {
+    let root = tempfile::tempdir().unwrap();
+    let faults = Arc::new(Faults::default());
+    let server = Server::unftp_with(root.path(), faults.clone());
+    let shop = tempfile::tempdir().unwrap();
+    let mut spr = b"##@@&&$$$RPL\r\n#\r\n".to_vec();
+    let mut i = 0u32;
+    while spr.len() < (7 << 20) / 2 {
+        spr.extend_from_slice(format!("{i};;goods {i};;1;;{}.00;\r\n", i % 991).as_bytes());
+        i += 1;
+    }
+    server.put("POS8.spr.$1", &spr).await;
+    let b = bridge(&format!(
+        "{}{}{}",
+        ftp_endpoint("office", &server.url, ""),
+        dir_endpoint("shop", shop.path(), ""),
+        link("office", "shop", "8")
+    ));
+    assert_eq!(b.pass().await.taken, 0); // first sight
+    faults
+        .cut_downloads
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = b.pass().await;
+    assert_eq!(r.taken, 0, "{r:?}");
+    assert!(!r.all_moved(), "{r:?}");
+    assert_eq!(server.names().await, ["POS8.spr.$1"]);
+    assert_eq!(spool_files(&b), 0, "no partial spool file");
+    assert_eq!(b.pump.store.counts(None).unwrap().queued, 0);
+    let r = b.settle(10).await;
+    assert_eq!((r.taken, r.delivered), (1, 1), "{r:?}");
+    assert!(
+        std::fs::read(shop.path().join("POS8.spr.$1")).unwrap() == spr,
+        "bytes differ"
+    );
+    assert!(server.names().await.is_empty());
+    assert_eq!(spool_files(&b), 0);
+}
+
 // ------------------------------------------------------------------ parallel sessions
 
 /// Package `n` of till `pos` as the office writes it.
