@@ -441,28 +441,30 @@ fn insert_taken(
     spooled: &Spooled,
     source_done: bool,
 ) -> rusqlite::Result<i64> {
-    c.execute(
+    // Cached: the report committer inserts thousands of rows a second (SendData); parsing
+    // this statement anew for each was ~12% of the committer thread's user time (perf).
+    c.prepare_cached(
         "INSERT INTO package (link, pos, direction, kind, uid, source_endpoint, source_name,
             source_seq, source_done, sink_endpoint, sha256, size, spool, payload, state, taken_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'taken', ?15)",
-        params![
-            t.link,
-            t.pos,
-            t.kind.direction().as_str(),
-            t.kind.as_str(),
-            t.uid,
-            t.source_endpoint,
-            t.source_name,
-            t.source_seq,
-            source_done,
-            t.sink_endpoint,
-            spooled.sha256,
-            spooled.size as i64,
-            spooled.inline.is_none().then_some(&spooled.file_name),
-            spooled.inline.as_deref(),
-            now_ms(),
-        ],
-    )?;
+    )?
+    .execute(params![
+        t.link,
+        t.pos,
+        t.kind.direction().as_str(),
+        t.kind.as_str(),
+        t.uid,
+        t.source_endpoint,
+        t.source_name,
+        t.source_seq,
+        source_done,
+        t.sink_endpoint,
+        spooled.sha256,
+        spooled.size as i64,
+        spooled.inline.is_none().then_some(&spooled.file_name),
+        spooled.inline.as_deref(),
+        now_ms(),
+    ])?;
     Ok(c.last_insert_rowid())
 }
 

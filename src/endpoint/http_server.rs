@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawPathParams, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -241,6 +241,21 @@ fn no_data_reply() -> axum::body::Bytes {
                 errmessage: NO_DATA_MESSAGE.into(),
                 packagetype: None,
                 uid: None,
+            })
+            .expect("replies always serialise")
+            .into()
+        })
+        .clone()
+}
+
+/// The SendData "accepted" reply (errcode "0"), encoded once.
+fn accepted_reply() -> axum::body::Bytes {
+    static BYTES: std::sync::OnceLock<axum::body::Bytes> = std::sync::OnceLock::new();
+    BYTES
+        .get_or_init(|| {
+            serde_json::to_vec(&SendReply {
+                errcode: errcode::OK,
+                errmessage: String::new(),
             })
             .expect("replies always serialise")
             .into()
@@ -625,7 +640,7 @@ impl HttpServerEndpoint {
                     tracing::warn!(endpoint = %self.name, till = pos, number, package = id, "SendData: the same number with different content; stored as a new report (till counter reset?)");
                 }
                 tracing::info!(endpoint = %self.name, link = %c.link, till = pos, number, package = id, bytes, uid = ?uid, "report taken");
-                Ok((true, send_reply(StatusCode::OK, errcode::OK, String::new())))
+                Ok((true, json_bytes_response(StatusCode::OK, accepted_reply())))
             }
         }
     }
@@ -896,19 +911,26 @@ enum Outcome {
 
 async fn send_data(
     State(st): State<AppState>,
-    Path(params): Path<HashMap<String, String>>,
-    headers: HeaderMap,
-    body: Body,
+    params: RawPathParams,
+    req: axum::extract::Request,
 ) -> Response {
-    let get = |k: &str| params.get(k).map(String::as_str).unwrap_or("");
-    let c = match st
-        .ep
-        .check(Method::Send, &headers, get("pos"), get("number"))
-    {
+    // The parameters as borrowed strings and the headers by reference: `Path<HashMap>` and
+    // `HeaderMap` extractors allocate a map (and clone every header) per request.
+    let (mut pos, mut number, mut uid) = ("", "", None);
+    for (k, v) in params.iter() {
+        match k {
+            "pos" => pos = v,
+            "number" => number = v,
+            "uid" => uid = Some(v),
+            _ => {}
+        }
+    }
+    let (parts, body) = req.into_parts();
+    let headers = &parts.headers;
+    let c = match st.ep.check(Method::Send, headers, pos, number) {
         Ok(c) => c,
         Err(r) => return *r,
     };
-    let uid = params.get("uid").cloned();
     let (pos, number) = (c.pos, c.number);
     if let Some(u) = &uid {
         if !valid_uid(u) {
@@ -994,11 +1016,7 @@ async fn send_data(
         tokio::task::spawn_blocking(finish).await
     };
     let res = match finished {
-        Ok(Ok(report)) => match st
-            .ep
-            .store_report(&st.store, &c, uid.as_deref(), report)
-            .await
-        {
+        Ok(Ok(report)) => match st.ep.store_report(&st.store, &c, uid, report).await {
             Ok((stored, reply)) => Ok(Outcome::Stored(stored, reply)),
             Err(e) => Ok(Outcome::Failed(e.to_string())),
         },

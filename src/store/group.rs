@@ -131,32 +131,24 @@ impl Store {
             let tx = conn.transaction()?;
             let mut out = Vec::with_capacity(batch.len());
             for Job { report: r, .. } in batch {
-                // Earlier reports of this batch are visible to these queries (same
-                // transaction), so a repeat within one batch is recognised too.
-                let repeat: Option<i64> = tx
+                // Earlier reports of this batch are visible to this query (same
+                // transaction), so a repeat within one batch is recognised too. One query
+                // (on the package_source_seq index) answers both questions: the newest row
+                // with this content, and whether the number was used at all.
+                let (repeat, number_reused): (Option<i64>, bool) = tx
                     .prepare_cached(
-                        "SELECT id FROM package WHERE source_endpoint = ?1 AND pos = ?2
-                         AND source_seq = ?3 AND sha256 = ?4 ORDER BY id DESC LIMIT 1",
+                        "SELECT MAX(CASE WHEN sha256 = ?4 THEN id END), COUNT(*) > 0
+                         FROM package WHERE source_endpoint = ?1 AND pos = ?2
+                         AND source_seq = ?3",
                     )?
                     .query_row(
                         params![r.source_endpoint, r.pos, r.number, r.spooled.sha256],
-                        |row| row.get(0),
-                    )
-                    .map(Some)
-                    .or_else(|e| match e {
-                        rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                        e => Err(e),
-                    })?;
+                        |row| Ok((row.get(0)?, row.get(1)?)),
+                    )?;
                 if let Some(id) = repeat {
                     out.push(ReportOutcome::Repeat { id });
                     continue;
                 }
-                let number_reused = tx
-                    .prepare_cached(
-                        "SELECT 1 FROM package WHERE source_endpoint = ?1 AND pos = ?2
-                         AND source_seq = ?3 LIMIT 1",
-                    )?
-                    .exists(params![r.source_endpoint, r.pos, r.number])?;
                 let id = insert_taken(
                     &tx,
                     &Taken {
