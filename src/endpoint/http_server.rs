@@ -8,6 +8,13 @@
 //!
 //! Protocol-level errors are HTTP 200 with a JSON `errcode` (tills read the JSON);
 //! authentication errors are 401/403. Every message names the till and the number.
+//!
+//! Replies of big packages (over `INLINE_MAX`) are encoded into files under
+//! `state_dir/tmp` and streamed. A background encoder (`encode_ahead`) makes them when a
+//! package is queued for a till, so that the till's first ReceiveData streams a ready file
+//! instead of waiting seconds for deflate; see [`HttpServerEndpoint::encode_ahead_step`]
+//! for its rules and bounds, and `stream_codec::ReplyCache` for why a half-written reply is
+//! never served.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
