@@ -1255,16 +1255,11 @@ impl ReplyCache {
     }
 
     /// Writes the reply into a temp file next to `path`, then renames it to `path`;
-    /// `before_rename` runs in between (a crash point of the tests). `write_back`: the
-    /// bytes are written to the disk before the rename (`sync_data`), so that a till's
-    /// first request does not find a gigabyte of them dirty in the page cache, where the
-    /// journal's next fsync and the reader's own writes would wait for them. Not for
-    /// durability: `state_dir/tmp` is emptied at every start anyway.
+    /// `before_rename` runs in between (a crash point of the tests).
     fn encode_into(
         path: &Path,
         encode: impl FnOnce(&mut dyn Write) -> io::Result<()>,
         before_rename: impl FnOnce(),
-        write_back: bool,
     ) -> io::Result<File> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = TempFile::create(dir)?;
@@ -1272,9 +1267,6 @@ impl ReplyCache {
             let mut w = BufWriter::with_capacity(CHUNK, tmp.file());
             encode(&mut w)?;
             w.flush()?;
-        }
-        if write_back {
-            tmp.file().sync_data()?;
         }
         before_rename();
         tmp.persist(path)
@@ -1294,7 +1286,7 @@ impl ReplyCache {
         match self.claim(id, path, true)? {
             Claim::Ready(f) => Ok((f, false)),
             Claim::Busy => unreachable!("a waiting claim is never busy"),
-            Claim::Encode(_guard) => Ok((Self::encode_into(path, encode, || {}, false)?, true)),
+            Claim::Encode(_guard) => Ok((Self::encode_into(path, encode, || {})?, true)),
         }
     }
 
@@ -1311,7 +1303,7 @@ impl ReplyCache {
         match self.claim(id, path, false)? {
             Claim::Ready(_) | Claim::Busy => Ok(None),
             Claim::Encode(_guard) => {
-                let f = Self::encode_into(path, encode, before_rename, true)?;
+                let f = Self::encode_into(path, encode, before_rename)?;
                 Ok(Some(f.metadata()?.len()))
             }
         }
