@@ -18,8 +18,9 @@ pub const POINTS: &[&str] = &[
 /// Points inside crash recovery itself (a crash while recovering from a crash).
 pub const RECOVERY_POINTS: &[&str] = &["recovery-between-reset-and-temp-removal"];
 
-/// Points of the HTTP service: a group of SendData reports inserted, not yet committed.
-pub const HTTP_POINTS: &[&str] = &["report-batch-before-commit"];
+/// Points of the HTTP service: a group of SendData reports inserted, not yet committed; the
+/// reply of a big package encoded ahead into its temp file, not yet renamed to its name.
+pub const HTTP_POINTS: &[&str] = &["report-batch-before-commit", "reply-ahead-before-rename"];
 
 pub fn crash_point(name: &str) {
     static AT: OnceLock<Option<String>> = OnceLock::new();

@@ -365,6 +365,9 @@ pub struct Store {
     /// Bumped after every commit that queues a package towards the tills, so that a
     /// cached "nothing for this till" (ReceiveData) knows when to look again.
     down_generation: std::sync::atomic::AtomicU64,
+    /// The same generation, for tasks that wait for it to change (the HTTP service's
+    /// background encoder of big replies, `watch_down`).
+    down_watch: tokio::sync::watch::Sender<u64>,
     /// Set by a lazy commit (see [`Store::mark_delivered_batch`]): the WAL holds commits
     /// that are not fsync'd yet; [`Store::sync_lazy`] makes them durable.
     lazy_pending: std::sync::atomic::AtomicBool,
@@ -423,6 +426,11 @@ const MIGRATIONS: &[&str] = &[
     );",
     // 4: small payloads inline in the journal row (see INLINE_MAX).
     "ALTER TABLE package ADD COLUMN payload BLOB;",
+    // 5: the undelivered packages that have a spool file (the big ones), per sink, so that
+    // the HTTP service finds the replies it should encode ahead without scanning every
+    // queued row (`Store::big_pending`). Partial: only those rows are in it.
+    "CREATE INDEX package_big_pending ON package (sink_endpoint, pos, id)
+        WHERE spool IS NOT NULL AND state != 'delivered';",
 ];
 
 pub fn now_ms() -> i64 {
@@ -571,6 +579,7 @@ impl Store {
             conn: Mutex::new(conn),
             group: Default::default(),
             down_generation: Default::default(),
+            down_watch: tokio::sync::watch::Sender::new(0),
             lazy_pending: std::sync::atomic::AtomicBool::new(false),
             _lock: Some(lock),
         };
@@ -617,6 +626,7 @@ impl Store {
             conn: Mutex::new(conn),
             group: Default::default(),
             down_generation: Default::default(),
+            down_watch: tokio::sync::watch::Sender::new(0),
             lazy_pending: std::sync::atomic::AtomicBool::new(false),
             _lock: None,
         })
@@ -865,8 +875,10 @@ impl Store {
     /// stale now.
     fn queued(&self, kind: Kind) {
         if kind.direction() == Direction::Down {
-            self.down_generation
+            let g = self
+                .down_generation
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.down_watch.send_replace(g + 1);
         }
     }
 
@@ -876,6 +888,12 @@ impl Store {
     pub fn down_generation(&self) -> u64 {
         self.down_generation
             .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Changes (to [`Store::down_generation`]) after every commit that queues a package
+    /// towards the tills.
+    pub fn watch_down(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.down_watch.subscribe()
     }
 
     /// Commit point 1: the package is in the store. Returns its journal id.
@@ -1105,6 +1123,51 @@ impl Store {
         )
         .optional()
         .map_err(|e| self.sql(e))
+    }
+
+    /// The undelivered down packages to `sink_endpoint` that have a spool file (the big
+    /// ones) and are among the first `lookahead` undelivered packages of their till, with
+    /// their place in the till's queue (0 = the head: the package the till is served now or
+    /// next), heads first, then by id.
+    pub fn big_pending(
+        &self,
+        sink_endpoint: &str,
+        lookahead: usize,
+    ) -> Result<Vec<(Package, usize)>> {
+        let conn = self.conn();
+        let big = {
+            // The terms of the partial index package_big_pending, so that it is used.
+            let mut st = conn
+                .prepare_cached(&format!(
+                    "SELECT {} FROM package WHERE sink_endpoint = ?1
+                     AND spool IS NOT NULL AND state != 'delivered' AND direction = 'down'
+                     ORDER BY pos, id",
+                    Self::PACKAGE_COLS
+                ))
+                .map_err(|e| self.sql(e))?;
+            let rows = st
+                .query_map(params![sink_endpoint], |r| self.package_from_row(r))
+                .map_err(|e| self.sql(e))?;
+            rows.collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| self.sql(e))?
+        };
+        let mut rank = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM package WHERE link = ?1 AND direction = 'down'
+                   AND state IN ('taken', 'delivering') AND pos = ?2 AND id < ?3 LIMIT ?4)",
+            )
+            .map_err(|e| self.sql(e))?;
+        let mut out = Vec::new();
+        for p in big {
+            let before: i64 = rank
+                .query_row(params![p.link, p.pos, p.id, lookahead as i64], |r| r.get(0))
+                .map_err(|e| self.sql(e))?;
+            if (before as usize) < lookahead {
+                out.push((p, before as usize));
+            }
+        }
+        out.sort_by_key(|(p, r)| (*r, p.id));
+        Ok(out)
     }
 
     /// One package by id.
@@ -1640,6 +1703,49 @@ mod tests {
                 queued: 0,
                 delivered: 1
             }
+        );
+    }
+
+    #[test]
+    fn big_pending_lists_the_big_packages_in_each_tills_window_heads_first() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        let mut down = s.watch_down();
+        let commit = |pos: u32, bytes: &[u8]| {
+            s.commit_taken(&taken(pos, "x"), s.spool_bytes(bytes).unwrap())
+                .unwrap()
+        };
+        // Till 1: big, small, big, big. Till 2: small, big, big.
+        let a = commit(1, &big(1));
+        let _small = commit(1, b"small");
+        let c = commit(1, &big(3));
+        let _d = commit(1, &big(4));
+        let _small2 = commit(2, b"small");
+        let f = commit(2, &big(6));
+        let _g = commit(2, &big(7));
+        assert!(down.has_changed().unwrap(), "queued packages are signalled");
+        let got: Vec<(i64, usize)> = s
+            .big_pending("shop", 2)
+            .unwrap()
+            .iter()
+            .map(|(p, place)| (p.id, *place))
+            .collect();
+        assert_eq!(got, vec![(a, 0), (f, 1)]);
+        assert!(s.big_pending("other", 2).unwrap().is_empty());
+        // Till 1's head delivered: its next big one is now at place 1.
+        s.mark_delivered(a, None, Some(1)).unwrap();
+        let got: Vec<(i64, usize)> = s
+            .big_pending("shop", 2)
+            .unwrap()
+            .iter()
+            .map(|(p, place)| (p.id, *place))
+            .collect();
+        assert_eq!(got, vec![(c, 1), (f, 1)]);
+        down.mark_unchanged();
+        s.mark_delivered(c, None, Some(2)).unwrap();
+        assert!(
+            !down.has_changed().unwrap(),
+            "only queued packages are signalled"
         );
     }
 

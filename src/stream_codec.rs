@@ -13,8 +13,8 @@
 //! Encoding (ReceiveData replies): [`encode_reply`] writes a whole reply to a file: the
 //! payload zipped into a scratch file (the zip crate seeks back to fill in the header),
 //! then base64 with a JSON-escaped CRLF every 64 characters between the JSON head and tail
-//! the in-memory path serialises. [`ReplyCache`] encodes each package once and hands out
-//! the file to stream.
+//! the in-memory path serialises. [`ReplyCache`] encodes each package once (ahead of the
+//! till's request, or on it) and hands out the file to stream.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -1181,6 +1181,18 @@ impl Write for ChannelWriter {
 /// ReceiveData replies of big packages, each encoded once into a file and served from it
 /// (a till asks for the same number again until it has loaded the package, and a reply of
 /// a 1 GiB package takes seconds to encode).
+///
+/// A reply is encoded either ahead of the till's request, in the background, once the
+/// package is queued for the till ([`ReplyCache::encode_ahead`], driven by the HTTP
+/// service's encoder), or on the request itself when it was not ready
+/// ([`ReplyCache::open_or_encode`]). Both go through the same busy set, so a package is
+/// never encoded twice at once: a request for a package being encoded waits for that
+/// encoding, and the background encoder skips a package that is being encoded. Either way
+/// the reply is written to a temp file in the same directory, flushed, and only then
+/// renamed to its final name, so a reply file that exists is whole. A crash leaves at most
+/// the temp file, and `Store::open` empties the directory at every start: nothing an
+/// earlier process wrote (a temp, or a renamed file whose bytes a power cut lost) is ever
+/// served. The journal stays the truth; these files are only a cache of it.
 #[derive(Default)]
 pub struct ReplyCache {
     /// Packages being encoded now.
@@ -1202,35 +1214,53 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
+/// What [`ReplyCache::claim`] found.
+enum Claim<'a> {
+    /// The reply file, open at its start.
+    Ready(File),
+    /// Another thread is encoding it (only when not waiting).
+    Busy,
+    /// Nobody has it: the caller encodes it, holding the busy mark.
+    Encode(BusyGuard<'a>),
+}
+
 impl ReplyCache {
     pub fn new() -> ReplyCache {
         ReplyCache::default()
     }
 
-    /// The reply file of package `id` at `path`, open at its start: the one already there,
-    /// or one `encode` writes now, into a temp file in the same directory that is then
-    /// renamed (a reader never sees half a reply; a crash leaves a temp file, which
-    /// `Store::open` removes). A request for a package being encoded waits for that
-    /// encoding instead of doing it again. Returns whether this call encoded it.
-    pub fn open_or_encode(
-        &self,
-        id: i64,
+    /// Whether package `id` is being encoded now.
+    pub fn is_busy(&self, id: i64) -> bool {
+        self.busy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+
+    fn claim(&self, id: i64, path: &Path, wait: bool) -> io::Result<Claim<'_>> {
+        let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
+        while busy.contains(&id) {
+            if !wait {
+                return Ok(Claim::Busy);
+            }
+            busy = self.done.wait(busy).unwrap_or_else(|p| p.into_inner());
+        }
+        match File::open(path) {
+            Ok(f) => return Ok(Claim::Ready(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        busy.insert(id);
+        Ok(Claim::Encode(BusyGuard { cache: self, id }))
+    }
+
+    /// Writes the reply into a temp file next to `path`, then renames it to `path`;
+    /// `before_rename` runs in between (a crash point of the tests).
+    fn encode_into(
         path: &Path,
         encode: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-    ) -> io::Result<(File, bool)> {
-        {
-            let mut busy = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-            while busy.contains(&id) {
-                busy = self.done.wait(busy).unwrap_or_else(|p| p.into_inner());
-            }
-            match File::open(path) {
-                Ok(f) => return Ok((f, false)),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            busy.insert(id);
-        }
-        let _guard = BusyGuard { cache: self, id };
+        before_rename: impl FnOnce(),
+    ) -> io::Result<File> {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut tmp = TempFile::create(dir)?;
         {
@@ -1238,6 +1268,70 @@ impl ReplyCache {
             encode(&mut w)?;
             w.flush()?;
         }
-        Ok((tmp.persist(path)?, true))
+        before_rename();
+        tmp.persist(path)
     }
+
+    /// The reply file of package `id` at `path`, open at its start: the one already there,
+    /// or one `encode` writes now (temp file, then rename). A request for a package being
+    /// encoded (by another request, or ahead by the background encoder) waits for that
+    /// encoding instead of doing it again; if that one failed or was stopped, this one
+    /// encodes. Returns whether this call encoded it.
+    pub fn open_or_encode(
+        &self,
+        id: i64,
+        path: &Path,
+        encode: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+    ) -> io::Result<(File, bool)> {
+        match self.claim(id, path, true)? {
+            Claim::Ready(f) => Ok((f, false)),
+            Claim::Busy => unreachable!("a waiting claim is never busy"),
+            Claim::Encode(_guard) => Ok((Self::encode_into(path, encode, || {})?, true)),
+        }
+    }
+
+    /// Encodes the reply of package `id` to `path` unless it is there already or being
+    /// encoded now (then `Ok(None)`: nothing done, nothing waited for). Returns the size of
+    /// the reply file written.
+    pub fn encode_ahead(
+        &self,
+        id: i64,
+        path: &Path,
+        encode: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+        before_rename: impl FnOnce(),
+    ) -> io::Result<Option<u64>> {
+        match self.claim(id, path, false)? {
+            Claim::Ready(_) | Claim::Busy => Ok(None),
+            Claim::Encode(_guard) => {
+                let f = Self::encode_into(path, encode, before_rename)?;
+                Ok(Some(f.metadata()?.len()))
+            }
+        }
+    }
+}
+
+/// A reader that fails once `stop` is set, so that a background encoding ends within one
+/// read when the daemon shuts down (its temp file is removed as it fails).
+pub struct StopReader<'a, R> {
+    pub inner: R,
+    pub stop: &'a std::sync::atomic::AtomicBool,
+}
+
+impl<R: Read> Read for StopReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // Not `Interrupted`: `read_full` retries that one.
+            return Err(io::Error::other("stopped: the daemon is shutting down"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// An upper bound of the reply file of a `size`-byte payload: a ZIP no bigger than the
+/// payload plus deflate's stored-block overhead, in base64 with an escaped CRLF (4
+/// characters) after every 64, plus the JSON around it.
+pub fn reply_size_bound(size: u64) -> u64 {
+    let zip = size + size / 1024 + 4096;
+    let b64 = zip.div_ceil(3) * 4;
+    b64 + b64 / 64 * 4 + 1024
 }

@@ -389,3 +389,249 @@ async fn the_daemon_moves_big_packages_both_ways_in_bounded_memory() {
         peak >> 20
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Replies encoded ahead: when a big package is queued for a till, its reply is encoded in
+// the background, so that the till's first ReceiveData streams a ready file.
+// ---------------------------------------------------------------------------------------
+
+/// The journal ids of the packages, in order.
+fn package_ids(store: &kkm_bridge::store::Store) -> Vec<i64> {
+    store
+        .with_conn(|c| {
+            let mut st = c.prepare("SELECT id FROM package ORDER BY id")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            rows.collect()
+        })
+        .unwrap()
+}
+
+/// The reply file of package `id` under `state`, and whether a temp file (an encoding in
+/// progress) is next to it.
+fn reply_file(state: &Path, id: i64) -> std::path::PathBuf {
+    state.join(format!("tmp/reply-{id}.json"))
+}
+
+fn temp_files(state: &Path) -> Vec<String> {
+    std::fs::read_dir(state.join("tmp"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".tmp"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What identifies one write of a file: its size and modification time.
+fn stamp(p: &Path) -> (u64, std::time::SystemTime) {
+    let m = std::fs::metadata(p).unwrap();
+    (m.len(), m.modified().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_package_is_encoded_when_queued_so_the_first_request_streams_a_ready_file() {
+    let b = Bridge::start().await;
+    let state = b.root.path().join("state");
+    let sprs: Vec<Vec<u8>> = (0..3)
+        .map(|i| big_payload(40 + i, (2 << 20) + i as usize))
+        .collect();
+    for (i, spr) in sprs.iter().enumerate() {
+        b.drop_office_file(&format!("POS1.spr.${}", i + 1), spr)
+            .await;
+    }
+    let ids = package_ids(&b.store);
+    assert_eq!(ids.len(), 3);
+    // Before any request: the till's next package and the one after it are encoded; the
+    // third is not (two per till), and no encoding is left running.
+    wait_until(Duration::from_secs(120), || {
+        reply_file(&state, ids[0]).exists()
+            && reply_file(&state, ids[1]).exists()
+            && temp_files(&state).is_empty()
+    })
+    .await;
+    assert!(!reply_file(&state, ids[2]).exists(), "two per till");
+    assert_eq!(b.scratch_files(), 2);
+
+    // The first request streams the file as it is: not encoded again on the request path.
+    let ready = stamp(&reply_file(&state, ids[0]));
+    let r = b.get(&format!("{P}/1/1")).await;
+    assert_eq!(r.errcode(), "0", "{}", r.errmessage());
+    assert!(till_decodes(&r) == sprs[0], "bytes are sacred");
+    assert!(r.body == std::fs::read(reply_file(&state, ids[0])).unwrap());
+    assert_eq!(stamp(&reply_file(&state, ids[0])), ready, "the same file");
+
+    // The next number acknowledges the first: its reply goes, the second was ready, and the
+    // third enters the till's window and is encoded ahead in its turn.
+    let ready = stamp(&reply_file(&state, ids[1]));
+    let r = b.get(&format!("{P}/1/2")).await;
+    assert!(till_decodes(&r) == sprs[1]);
+    assert_eq!(stamp(&reply_file(&state, ids[1])), ready, "the same file");
+    assert!(
+        !reply_file(&state, ids[0]).exists(),
+        "freed with its package"
+    );
+    wait_until(Duration::from_secs(120), || {
+        reply_file(&state, ids[2]).exists() && temp_files(&state).is_empty()
+    })
+    .await;
+    let ready = stamp(&reply_file(&state, ids[2]));
+    let r = b.get(&format!("{P}/1/3")).await;
+    assert!(till_decodes(&r) == sprs[2]);
+    assert_eq!(stamp(&reply_file(&state, ids[2])), ready, "the same file");
+
+    let r = b.get(&format!("{P}/1/4")).await;
+    assert_eq!(r.errcode(), "3");
+    assert!(b.journal().iter().all(|r| r.4 == "delivered"));
+    assert_eq!(
+        b.scratch_files(),
+        0,
+        "every reply file went with its package"
+    );
+    assert_eq!(b.spool_files(), 0);
+}
+
+/// The real binary on `dir` (office folder `office`, tills over HTTP on `port`), with
+/// `env` set.
+fn spawn_daemon(dir: &Path, port: u16, env: &[(&str, &str)], log: &str) -> std::process::Child {
+    std::fs::create_dir_all(dir.join("office")).unwrap();
+    std::fs::write(
+        dir.join("b.toml"),
+        format!(
+            "state_dir = \"state\"\n[endpoint.office]\ntype = \"dir\"\npath = \"office\"\n\
+             settle = \"0s\"\nrescan = \"500ms\"\n\
+             [endpoint.tills]\ntype = \"http\"\nlisten = \"127.0.0.1:{port}\"\nauth = \"none\"\n\
+             [[link]]\noffice = \"office\"\nkassa = \"tills\"\npos = \"1-9\"\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kkm-bridge"));
+    cmd.args(["run", "--config", "b.toml"])
+        .current_dir(dir)
+        .env("RUST_LOG", "kkm_bridge=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(log)).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+async fn wait_listening(port: u16) -> std::net::SocketAddr {
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t0 = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "the daemon listens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    addr
+}
+
+/// Puts a file into the office folder by rename (taken at once, `settle = "0s"`).
+fn drop_by_rename(office: &Path, name: &str, bytes: &[u8]) {
+    std::fs::write(office.join("~tmp"), bytes).unwrap();
+    std::fs::rename(office.join("~tmp"), office.join(name)).unwrap();
+}
+
+async fn get_reply(addr: std::net::SocketAddr, pos: u32, number: u32) -> Reply {
+    long_request(
+        addr,
+        format!("GET {P}/{pos}/{number} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+        None,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_encoding_ahead_never_serves_a_half_reply() {
+    let d = tempfile::tempdir().unwrap();
+    let (office, state) = (d.path().join("office"), d.path().join("state"));
+    let port = free_port();
+
+    // 1. The process dies with the whole reply in its temp file, not yet renamed.
+    let mut child = spawn_daemon(
+        d.path(),
+        port,
+        &[("KKM_BRIDGE_CRASH_AT", "reply-ahead-before-rename")],
+        "run1.log",
+    );
+    wait_listening(port).await;
+    let first = big_payload(50, 3 << 20);
+    drop_by_rename(&office, "POS1.spr.$1", &first);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the crash point is reached while encoding ahead"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!status.success());
+    let ids = package_ids(&kkm_bridge::store::Store::open_read_only(&state).unwrap());
+    assert_eq!(ids.len(), 1, "the package was taken before the crash");
+    let temps = temp_files(&state);
+    assert_eq!(temps.len(), 1, "the reply's temp file is left: {temps:?}");
+    assert!(!reply_file(&state, ids[0]).exists());
+    // What a power cut could leave of a renamed reply whose bytes never reached the disk:
+    // its name with half its bytes. Neither may be served.
+    let half = std::fs::read(state.join("tmp").join(&temps[0])).unwrap();
+    std::fs::write(reply_file(&state, ids[0]), &half[..half.len() / 2]).unwrap();
+
+    let mut child = spawn_daemon(d.path(), port, &[], "run2.log");
+    let addr = wait_listening(port).await;
+    let r = get_reply(addr, 1, 1).await;
+    assert_eq!(r.errcode(), "0", "{}", r.errmessage());
+    assert_eq!(
+        sha256_hex(&data_bytes(&r)),
+        sha256_hex(&first),
+        "the whole package, not the half reply"
+    );
+    assert!(
+        !state.join("tmp").join(&temps[0]).exists(),
+        "the crash's temp file is gone"
+    );
+
+    // 2. SIGKILL at a random moment while the next package's reply is being encoded.
+    let second = big_payload(51, 32 << 20);
+    drop_by_rename(&office, "POS1.spr.$2", &second);
+    let t0 = Instant::now();
+    let caught = loop {
+        let ids = package_ids(&kkm_bridge::store::Store::open_read_only(&state).unwrap());
+        if ids.len() == 2 {
+            if !temp_files(&state).is_empty() && !reply_file(&state, ids[1]).exists() {
+                break true;
+            }
+            if reply_file(&state, ids[1]).exists() {
+                break false; // encoded before we looked: still a valid (weaker) run
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "the package is taken"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!("killed while encoding ahead: {caught}");
+
+    let mut child = spawn_daemon(d.path(), port, &[], "run3.log");
+    let addr = wait_listening(port).await;
+    // The till asks for the next number: package 1 is acknowledged, package 2 served whole.
+    let r = get_reply(addr, 1, 2).await;
+    assert_eq!(r.errcode(), "0", "{}", r.errmessage());
+    assert_eq!(sha256_hex(&data_bytes(&r)), sha256_hex(&second));
+    let r = get_reply(addr, 1, 3).await;
+    assert_eq!(r.errcode(), "3");
+    let t0 = Instant::now();
+    while walk_files(&state.join("tmp")) > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "tmp/ empties");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

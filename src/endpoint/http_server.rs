@@ -8,10 +8,19 @@
 //!
 //! Protocol-level errors are HTTP 200 with a JSON `errcode` (tills read the JSON);
 //! authentication errors are 401/403. Every message names the till and the number.
+//!
+//! Replies of big packages (over `INLINE_MAX`) are encoded into files under
+//! `state_dir/tmp` and streamed. A background encoder (`encode_ahead`) makes them when a
+//! package is queued for a till, so that the till's first ReceiveData streams a ready file
+//! instead of waiting seconds for deflate; see [`HttpServerEndpoint::encode_ahead_step`]
+//! for its rules and bounds, and `stream_codec::ReplyCache` for why a half-written reply is
+//! never served.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, RawPathParams, State};
@@ -63,7 +72,33 @@ pub struct HttpServerEndpoint {
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
     /// ReceiveData replies of big packages, encoded once and streamed from a file.
     replies: ReplyCache,
+    /// Wakes the background encoder of big replies (see
+    /// [`HttpServerEndpoint::encode_ahead_step`]) when a till acknowledged a package, so
+    /// that the one after it may enter the window.
+    ahead_wake: tokio::sync::Notify,
+    /// Packages whose background encoding failed; not tried again in the background (a
+    /// till's request still encodes them, as it would without the encoder).
+    ahead_failed: Mutex<HashSet<i64>>,
 }
+
+/// Encoding replies ahead: how many packages at the head of each till's queue have their
+/// reply encoded before the till asks: the one it is served now or next, and the one after
+/// it, so that the request that acknowledges the first finds the second ready.
+const AHEAD_PER_TILL: usize = 2;
+
+/// No reply is encoded ahead while the reply files in `state_dir/tmp`, plus the worst-case
+/// size of the new one, would exceed this. Past it, replies are encoded on request as
+/// before, and the encoder looks again when a till acknowledges a package or on its timer.
+const AHEAD_DISK_MAX: u64 = 4 << 30;
+
+/// The encoder looks at the queues without a wake-up this often (a safety net, and the
+/// retry of a package left for the disk budget).
+const AHEAD_RESCAN: Duration = Duration::from_secs(30);
+
+/// At most one background encoding runs in the whole process (one encoder per HTTP
+/// endpoint, one at a time over all of them): deflate is CPU-bound, and the machine also
+/// serves tills and takes packages.
+static AHEAD_GATE: Mutex<()> = Mutex::new(());
 
 /// The frames a big reply is sent in: 1 MiB frames sent a 1.1 GB reply in 0.36 s,
 /// 256 KiB frames in 0.5 s (each read is a hop to a blocking thread), nginx 0.34 s.
@@ -294,6 +329,8 @@ impl HttpServerEndpoint {
             live: std::sync::OnceLock::new(),
             tls,
             replies: ReplyCache::new(),
+            ahead_wake: tokio::sync::Notify::new(),
+            ahead_failed: Mutex::new(HashSet::new()),
         })
     }
 
@@ -474,6 +511,8 @@ impl HttpServerEndpoint {
             Some((n, id)) if n.checked_add(1) == Some(number) => {
                 let next = store.ack_served(&self.name, &c.link, pos, id, n, number)?;
                 tracing::info!(endpoint = %self.name, link = %c.link, till = pos, package = id, number = n, "delivered: the till asked for the next number");
+                // The till's queue moved up: the package after `next` may be encoded ahead.
+                self.ahead_wake.notify_one();
                 Ok(next)
             }
             Some((n, id)) => {
@@ -528,10 +567,15 @@ impl HttpServerEndpoint {
         json_bytes_response(StatusCode::OK, reply)
     }
 
-    /// ReceiveData of a package too big for memory: the reply is encoded once into a file
-    /// (`stream_codec::encode_reply`, the same JSON as `json_response` of a `ReceiveReply`)
-    /// and streamed from it.
-    fn receive_streamed(&self, store: &Store, c: &Checked, pkg: &Package) -> Response {
+    /// Writes the ReceiveData reply of a big package to `out`: the same JSON as
+    /// `json_response` of a `ReceiveReply` (`stream_codec::encode_reply`), its payload read
+    /// a piece at a time. With `stop`, the encoding fails as soon as `stop` is set.
+    fn write_big_reply(
+        store: &Store,
+        pkg: &Package,
+        stop: Option<&AtomicBool>,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<()> {
         const HEAD: &[u8] = br#"{"data":""#;
         let uid = if pkg.kind == Kind::Flr {
             pkg.uid.clone()
@@ -548,33 +592,51 @@ impl HttpServerEndpoint {
         .expect("replies always serialise");
         assert!(whole.starts_with(HEAD), "data is the first attribute");
         let tail = &whole[HEAD.len()..];
+        let payload = store.payload(pkg)?;
+        let never = AtomicBool::new(false);
+        let mut payload = stream_codec::StopReader {
+            inner: payload,
+            stop: stop.unwrap_or(&never),
+        };
+        stream_codec::encode_reply(
+            &mut payload,
+            pkg.size,
+            &zip_entry_name(pkg.kind, pkg.pos, pkg.id),
+            Some(stream_codec::BIG_DEFLATE_LEVEL),
+            HEAD,
+            tail,
+            store.scratch_dir(),
+            out,
+        )
+    }
+
+    /// ReceiveData of a package too big for memory: the reply is encoded once into a file
+    /// and streamed from it. Usually the background encoder has made that file when the
+    /// package was queued (see [`HttpServerEndpoint::encode_ahead_step`]); if it is encoding
+    /// it right now, this request waits for it (the package exists, so "3", no data, would
+    /// be false, and "2" would make the till log a failure); if nobody has, this request
+    /// encodes it, as it did before the encoder existed.
+    fn receive_streamed(&self, store: &Store, c: &Checked, pkg: &Package) -> Response {
         let path = store.reply_cache_path(pkg.id);
         let t0 = std::time::Instant::now();
         let opened = self.replies.open_or_encode(pkg.id, &path, |out| {
-            let mut payload = store.payload(pkg)?;
-            stream_codec::encode_reply(
-                &mut payload,
-                pkg.size,
-                &zip_entry_name(pkg.kind, pkg.pos, pkg.id),
-                Some(stream_codec::BIG_DEFLATE_LEVEL),
-                HEAD,
-                tail,
-                store.scratch_dir(),
-                out,
-            )
+            Self::write_big_reply(store, pkg, None, out)
         });
         let (file, len) = match opened.and_then(|(f, encoded)| {
             let len = f.metadata()?.len();
             Ok((f, encoded, len))
         }) {
             Ok((file, encoded, len)) => {
+                let waited_ms = t0.elapsed().as_millis() as u64;
                 if encoded {
                     tracing::info!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, bytes = pkg.size, reply_bytes = len,
-                        encode_ms = t0.elapsed().as_millis() as u64, "encoded the reply of a big package (served from a file until acknowledged)");
+                        encode_ms = waited_ms, "encoded the reply of a big package on the request (served from a file until acknowledged)");
                     // Acknowledged while it was encoding: nothing would remove the file.
                     if !store.is_pending(pkg.id).unwrap_or(true) {
                         let _ = std::fs::remove_file(&path);
                     }
+                } else if waited_ms >= 100 {
+                    tracing::debug!(endpoint = %self.name, till = c.pos, number = c.number, package = pkg.id, waited_ms, "waited for the reply being encoded ahead");
                 }
                 (file, len)
             }
@@ -593,6 +655,131 @@ impl HttpServerEndpoint {
         r.headers_mut()
             .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         r
+    }
+
+    /// One step of the background encoder: finds the first big package in the window
+    /// ([`AHEAD_PER_TILL`] at the head of each till's queue, heads of all tills first) whose
+    /// reply is neither encoded nor being encoded, and encodes it (blocking: seconds for a
+    /// big package). Returns whether it encoded one (then the caller looks again at once:
+    /// the queues may have moved meanwhile).
+    ///
+    /// - The journal stays the truth: the package comes from the journal, the reply file is
+    ///   only a cache of it, written to a temp file and renamed when whole
+    ///   ([`ReplyCache::encode_ahead`]), removed with the package's payload when the till
+    ///   acknowledges it, and emptied with all of `state_dir/tmp` at every start.
+    /// - A package a request is encoding (or the other way round) is never encoded twice:
+    ///   both go through the same busy set.
+    /// - Bounded: one background encoding at a time in the process ([`AHEAD_GATE`]), at
+    ///   most [`AHEAD_PER_TILL`] packages per till, at most [`AHEAD_DISK_MAX`] of reply
+    ///   files in `state_dir/tmp`, payloads read a piece at a time.
+    fn encode_ahead_step(&self, store: &Store, stop: &AtomicBool) -> bool {
+        let candidates = match store.big_pending(&self.name, AHEAD_PER_TILL) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(endpoint = %self.name, "cannot look for big packages to encode ahead: {e}");
+                return false;
+            }
+        };
+        for (pkg, place) in candidates {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            if pkg.inline || pkg.size <= INLINE_MAX as u64 {
+                continue; // answered from memory
+            }
+            // Only the tills this endpoint serves for the package's link.
+            if self.routes.route(pkg.pos).map(|r| r.link.as_str()) != Some(pkg.link.as_str()) {
+                continue;
+            }
+            let path = store.reply_cache_path(pkg.id);
+            if path.exists()
+                || self.replies.is_busy(pkg.id)
+                || self
+                    .ahead_failed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&pkg.id)
+            {
+                continue;
+            }
+            let used = reply_files_size(store.scratch_dir());
+            let bound = stream_codec::reply_size_bound(pkg.size);
+            if used + bound > AHEAD_DISK_MAX {
+                tracing::debug!(endpoint = %self.name, till = pkg.pos, package = pkg.id, used, bound,
+                    "not encoding ahead: the reply files would pass the disk budget; encoded on request if asked before");
+                return false;
+            }
+            let _gate = AHEAD_GATE.lock().unwrap_or_else(|p| p.into_inner());
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            let t0 = std::time::Instant::now();
+            let done = self.replies.encode_ahead(
+                pkg.id,
+                &path,
+                |out| Self::write_big_reply(store, &pkg, Some(stop), out),
+                || crate::failpoint::crash_point("reply-ahead-before-rename"),
+            );
+            match done {
+                Ok(Some(len)) => {
+                    tracing::info!(endpoint = %self.name, link = %pkg.link, till = pkg.pos, package = pkg.id, place, bytes = pkg.size, reply_bytes = len,
+                        encode_ms = t0.elapsed().as_millis() as u64, "encoded the reply of a big package ahead of the till's request");
+                    // Acknowledged while it was encoding: nothing would remove the file.
+                    if !store.is_pending(pkg.id).unwrap_or(true) {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    return true;
+                }
+                Ok(None) => {} // ready meanwhile, or a request is encoding it
+                Err(_) if stop.load(Ordering::Relaxed) => return false,
+                Err(e) => {
+                    if store.is_pending(pkg.id).unwrap_or(true) {
+                        tracing::warn!(endpoint = %self.name, till = pkg.pos, package = pkg.id,
+                            "cannot encode the reply of {} ahead ({e}); it will be encoded when the till asks", pkg.describe());
+                        self.ahead_failed
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(pkg.id);
+                    }
+                    // else: acknowledged meanwhile, its spool file is gone; nothing to do.
+                }
+            }
+        }
+        false
+    }
+
+    /// The background encoder of big replies: runs [`Self::encode_ahead_step`] whenever
+    /// something may have changed (a package queued towards the tills, a till's
+    /// acknowledgement, every [`AHEAD_RESCAN`]) until `stop` is set.
+    async fn encode_ahead(
+        self: Arc<Self>,
+        store: Arc<Store>,
+        stop: Arc<AtomicBool>,
+        stopped: Arc<tokio::sync::Notify>,
+    ) {
+        let mut queued = store.watch_down();
+        loop {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let (ep, s, st) = (self.clone(), store.clone(), stop.clone());
+            let more = tokio::task::spawn_blocking(move || ep.encode_ahead_step(&s, &st))
+                .await
+                .unwrap_or(false);
+            if more {
+                continue;
+            }
+            tokio::select! {
+                r = queued.changed() => {
+                    if r.is_err() {
+                        tokio::time::sleep(AHEAD_RESCAN).await;
+                    }
+                }
+                _ = self.ahead_wake.notified() => {}
+                _ = stopped.notified() => {}
+                _ = tokio::time::sleep(AHEAD_RESCAN) => {}
+            }
+        }
     }
 
     /// Stores a decoded, spooled report durably (group commit with the reports other tills
@@ -684,8 +871,17 @@ impl HttpServerEndpoint {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let addr = listener.local_addr()?;
-        let app = self.router(store, on_report);
-        match &self.tls {
+        let app = self.router(store.clone(), on_report);
+        // The background encoder of big replies lives as long as the service; it is
+        // stopped (its encoding in progress abandoned, the temp file removed) and waited
+        // for before this returns, so that nothing holds the store afterwards.
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(tokio::sync::Notify::new());
+        let encoder = tokio::spawn(
+            self.clone()
+                .encode_ahead(store, stop.clone(), stopped.clone()),
+        );
+        let served = match &self.tls {
             None => {
                 tracing::info!(endpoint = %self.name, %addr, prefix = %self.config.prefix, "serving KKMTransfer to tills (HTTP)");
                 axum::serve(listener, app)
@@ -694,14 +890,33 @@ impl HttpServerEndpoint {
             }
             Some(tls) => {
                 tracing::info!(endpoint = %self.name, %addr, prefix = %self.config.prefix, "serving KKMTransfer to tills (HTTPS)");
-                let listener =
-                    crate::tls::TlsListener::new(listener, tls.clone(), self.name.clone())?;
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(shutdown)
-                    .await
+                match crate::tls::TlsListener::new(listener, tls.clone(), self.name.clone()) {
+                    Ok(listener) => {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(shutdown)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
             }
-        }
+        };
+        stop.store(true, Ordering::Relaxed);
+        stopped.notify_one();
+        let _ = encoder.await;
+        served
     }
+}
+
+/// The bytes of the encoded replies in `dir` (`reply-<id>.json`; temp files not counted).
+fn reply_files_size(dir: &std::path::Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("reply-"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Records each request in the live view: the till's last contact and the latency.
