@@ -1724,22 +1724,19 @@ mod tests {
         let f = commit(2, &big(6));
         let _g = commit(2, &big(7));
         assert!(down.has_changed().unwrap(), "queued packages are signalled");
-        let got: Vec<(i64, usize)> = s
-            .big_pending("shop", 2)
-            .unwrap()
-            .iter()
-            .map(|(p, place)| (p.id, *place))
-            .collect();
+        let pending = || -> Vec<(i64, usize)> {
+            s.big_pending("shop", 2)
+                .unwrap()
+                .iter()
+                .map(|(p, place)| (p.id, *place))
+                .collect()
+        };
+        let got = pending();
         assert_eq!(got, vec![(a, 0), (f, 1)]);
         assert!(s.big_pending("other", 2).unwrap().is_empty());
         // Till 1's head delivered: its next big one is now at place 1.
         s.mark_delivered(a, None, Some(1)).unwrap();
-        let got: Vec<(i64, usize)> = s
-            .big_pending("shop", 2)
-            .unwrap()
-            .iter()
-            .map(|(p, place)| (p.id, *place))
-            .collect();
+        let got = pending();
         assert_eq!(got, vec![(c, 1), (f, 1)]);
         down.mark_unchanged();
         s.mark_delivered(c, None, Some(2)).unwrap();

@@ -642,31 +642,21 @@ async fn a_short_upload_answered_226_is_caught_by_the_size_check() {
 /// and the next pass takes it whole.
 #[tokio::test]
 async fn download_dropped_mid_transfer_is_retried_whole() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
-    let shop = tempfile::tempdir().unwrap();
-    let spr = fixture("POS1.spr.utf8bom");
-    server.put("POS8.spr.$1", &spr).await;
-    let b = bridge(&format!(
-        "{}{}{}",
-        ftp_endpoint("office", &server.url, ""),
-        dir_endpoint("shop", shop.path(), ""),
-        link("office", "shop", "8")
-    ));
-    assert_eq!(b.pass().await.taken, 0); // first sight
-    faults
-        .cut_downloads
-        .store(1, std::sync::atomic::Ordering::SeqCst);
-    let r = b.pass().await;
-    assert_eq!(r.taken, 0, "{r:?}");
-    assert!(!r.all_moved(), "{r:?}");
-    assert_eq!(server.names().await, ["POS8.spr.$1"]);
-    assert_eq!(b.pump.store.counts(None).unwrap().queued, 0);
-    let r = b.settle(10).await;
-    assert_eq!((r.taken, r.delivered), (1, 1), "{r:?}");
-    assert_eq!(std::fs::read(shop.path().join("POS8.spr.$1")).unwrap(), spr);
-    assert!(server.names().await.is_empty());
+    cut_download_is_retried_whole(fixture("POS1.spr.utf8bom")).await;
+}
+
+/// A big package is written to its spool file by a writer thread while the next chunk is
+/// read from the network. Cut in the middle: nothing taken, the partial spool file gone,
+/// the file still on the server; the next passes take it whole, once.
+#[tokio::test]
+async fn big_download_dropped_mid_transfer_leaves_no_spool_file_and_is_retried_whole() {
+    let mut spr = b"##@@&&$$$RPL\r\n#\r\n".to_vec();
+    let mut i = 0u32;
+    while spr.len() < (7 << 20) / 2 {
+        spr.extend_from_slice(format!("{i};;goods {i};;1;;{}.00;\r\n", i % 991).as_bytes());
+        i += 1;
+    }
+    cut_download_is_retried_whole(spr).await;
 }
 
 /// Files under `spool/` of a bridge's state directory.
@@ -677,21 +667,14 @@ fn spool_files(b: &Bridge) -> usize {
         .count()
 }
 
-/// A big package is written to its spool file by a writer thread while the next chunk is
-/// read from the network. Cut in the middle: nothing taken, the partial spool file gone,
-/// the file still on the server; the next passes take it whole, once.
-#[tokio::test]
-async fn big_download_dropped_mid_transfer_leaves_no_spool_file_and_is_retried_whole() {
+/// `spr` on the office FTP as `POS8.spr.$1`, its download cut once in the middle: that
+/// pass takes nothing and leaves no spool file, the file stays on the server, and the next
+/// passes take it whole, once, into the till's folder.
+async fn cut_download_is_retried_whole(spr: Vec<u8>) {
     let root = tempfile::tempdir().unwrap();
     let faults = Arc::new(Faults::default());
     let server = Server::unftp_with(root.path(), faults.clone());
     let shop = tempfile::tempdir().unwrap();
-    let mut spr = b"##@@&&$$$RPL\r\n#\r\n".to_vec();
-    let mut i = 0u32;
-    while spr.len() < (7 << 20) / 2 {
-        spr.extend_from_slice(format!("{i};;goods {i};;1;;{}.00;\r\n", i % 991).as_bytes());
-        i += 1;
-    }
     server.put("POS8.spr.$1", &spr).await;
     let b = bridge(&format!(
         "{}{}{}",
