@@ -357,13 +357,16 @@ fn a_second_process_on_the_same_state_dir_is_refused() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("another kkm-bridge process"));
 }
 
-/// Crash at every commit point, then run again: every package arrives exactly once.
+/// Crash at every commit point, then run again: every package arrives exactly once, in
+/// order. Three tills × three packages: one delivery batch spans the tills.
 #[test]
 fn a_crash_at_any_commit_point_loses_and_doubles_nothing() {
     for point in kkm_bridge::failpoint::POINTS {
         let s = Site::new("", "");
-        for n in 1..=3 {
-            s.put(&s.office(), &format!("POS1.spr.${n}"), &spr(1, n));
+        for pos in 1..=3 {
+            for n in 1..=3 {
+                s.put(&s.office(), &format!("POS{pos}.spr.${n}"), &spr(pos, n));
+            }
         }
         s.put(&s.shop(), "POS1.rep.$1", &fixture("POS1.rep.cp1251"));
         let o = s
@@ -380,9 +383,15 @@ fn a_crash_at_any_commit_point_loses_and_doubles_nothing() {
         s.sync_ok();
         s.sync_ok();
         let shop = files(&s.shop());
-        assert_eq!(shop.len(), 3, "{point}: {:?}", shop.keys());
-        for n in 1..=3 {
-            assert_eq!(shop[&format!("POS1.spr.${n}")], spr(1, n), "{point} #{n}");
+        assert_eq!(shop.len(), 9, "{point}: {:?}", shop.keys());
+        for pos in 1..=3 {
+            for n in 1..=3 {
+                assert_eq!(
+                    shop[&format!("POS{pos}.spr.${n}")],
+                    spr(pos, n),
+                    "{point} till {pos} #{n}"
+                );
+            }
         }
         let office = files(&s.office());
         assert_eq!(office.len(), 1, "{point}: {:?}", office.keys());
