@@ -88,8 +88,15 @@ async fn receive_and_send_data_work_over_https() {
         .await
         .unwrap();
     assert_eq!(j["errcode"], "0", "{j}");
-    wait_until(Duration::from_secs(10), || !b.office_files().is_empty()).await;
-    let name = &b.office_files()[0];
+    // The report's file, not the temp it is written under first.
+    let delivered = || -> Vec<String> {
+        b.office_files()
+            .into_iter()
+            .filter(|f| !kkm_bridge::package::is_temp_name(f))
+            .collect()
+    };
+    wait_until(Duration::from_secs(10), || !delivered().is_empty()).await;
+    let name = &delivered()[0];
     assert_eq!(std::fs::read(b.office.join(name)).unwrap(), rep);
     // Wrong password: still 401 over HTTPS.
     let r = c
