@@ -57,16 +57,27 @@ fn in_memory(body: &[u8], max: u64) -> Result<Vec<u8>, String> {
     decode_package_data(&text, max).map_err(|e| e.to_string())
 }
 
-/// The streaming decoder fed `body` cut at `cuts` (taken modulo the length).
-fn streamed(s: &Store, body: &[u8], cuts: &[usize], max: u64) -> Result<Vec<u8>, String> {
-    let mut d = BodyDecoder::new(s.spool_writer().unwrap(), s.scratch_dir(), max);
+/// `body` cut at `cuts` (taken modulo the length, in order; empty pieces included).
+fn pieces<'a>(body: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
     let mut points: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
     points.sort_unstable();
     points.push(body.len());
     let mut at = 0;
-    for p in points {
-        d.feed(&body[at..p]).map_err(|e| e.to_string())?;
-        at = p;
+    points
+        .into_iter()
+        .map(|p| {
+            let piece = &body[at..p];
+            at = p;
+            piece
+        })
+        .collect()
+}
+
+/// The streaming decoder fed `body` cut at `cuts` (taken modulo the length).
+fn streamed(s: &Store, body: &[u8], cuts: &[usize], max: u64) -> Result<Vec<u8>, String> {
+    let mut d = BodyDecoder::new(s.spool_writer().unwrap(), s.scratch_dir(), max);
+    for piece in pieces(body, cuts) {
+        d.feed(piece).map_err(|e| e.to_string())?;
     }
     let u = d.finish().map_err(|e| e.to_string())?;
     let (len, head) = (u.len, u.head.clone());
@@ -195,13 +206,8 @@ fn reply_streamed(body: &[u8], cuts: &[usize]) -> Result<ReplyParts, String> {
         s.scratch_dir(),
         1 << 20,
     ));
-    let mut points: Vec<usize> = cuts.iter().map(|c| c % (body.len() + 1)).collect();
-    points.sort_unstable();
-    points.push(body.len());
-    let mut at = 0;
-    for p in points {
-        d.feed(&body[at..p]).map_err(|e| e.to_string())?;
-        at = p;
+    for piece in pieces(body, cuts) {
+        d.feed(piece).map_err(|e| e.to_string())?;
     }
     let r = d.finish().map_err(|e| e.to_string())?;
     let data = r.data.map_err(|e| e.to_string()).map(|u| {
