@@ -800,6 +800,13 @@ fn parallel_sessions_keep_each_tills_order(
             ),
             ServerKind::Unftp(_) => assert_eq!(count("SIZE"), 48),
         }
+        // vsftpd (its greeting names it) gets RNFR and RNTO in one write; other servers
+        // one after the other (libunftp answers a pipelined RNTO first).
+        let pipelined = proxy.state.rnfr_with_rnto.load(SeqCst);
+        match server.kind {
+            ServerKind::Vsftpd => assert_eq!(pipelined, 48, "pipelined renames"),
+            ServerKind::Unftp(_) => assert_eq!(pipelined, 0, "pipelined renames"),
+        }
         let renames = proxy.renames();
         assert_eq!(renames.len(), 48);
         assert_renames_in_order(&renames);

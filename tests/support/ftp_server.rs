@@ -577,6 +577,8 @@ pub struct ProxyState {
     pub max_open: std::sync::atomic::AtomicUsize,
     /// (session, command line), in the order the proxy saw them.
     pub commands: std::sync::Mutex<Vec<(usize, String)>>,
+    /// RNFR lines that arrived with their RNTO already behind them (one write: pipelined).
+    pub rnfr_with_rnto: std::sync::atomic::AtomicUsize,
     /// Drop the session that sends the `drop_nth`-th command starting with `drop_prefix`
     /// (1-based; 0 = never); with `drop_after_forward`, the command reaches the server
     /// first and only its reply is lost.
@@ -632,6 +634,9 @@ impl Proxy {
                             Ok(_) => {}
                         }
                         let text = String::from_utf8_lossy(&line).trim_end().to_string();
+                        if text.starts_with("RNFR ") && lines.buffer().starts_with(b"RNTO ") {
+                            st.rnfr_with_rnto.fetch_add(1, SeqCst);
+                        }
                         st.commands.lock().unwrap().push((id, text.clone()));
                         let prefix = st.drop_prefix.lock().unwrap().clone();
                         let nth = st.drop_nth.load(SeqCst);
