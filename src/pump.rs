@@ -4,7 +4,7 @@
 //! each link's queue to its push sink. `sync` runs one pass; the daemon runs passes when
 //! something wakes it (a filesystem event, a poll timer, a till's report).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::config::Config;
@@ -117,31 +117,47 @@ impl Pump {
         dry_run: bool,
         report: &mut PassReport,
     ) {
+        self.deliver_link_except(link, direction, dry_run, &HashSet::new(), report)
+            .await;
+    }
+
+    /// [`Pump::deliver_link`] without the tills in `skip`. Returns the ids handed to the
+    /// sink, or None when there is no push sink or the sink failed as a whole.
+    async fn deliver_link_except(
+        &self,
+        link: &crate::config::LinkConfig,
+        direction: Direction,
+        dry_run: bool,
+        skip: &HashSet<u32>,
+        report: &mut PassReport,
+    ) -> Option<Vec<i64>> {
         let sink_name = match direction {
             Direction::Down => &link.kassa,
             Direction::Up => &link.office,
         };
-        let Some(sink) = self.endpoints.get(sink_name) else {
-            return;
-        };
+        let sink = self.endpoints.get(sink_name)?;
         if !sink.is_push_sink() {
-            return;
+            return None;
         }
         if !dry_run {
             if let Err(e) = sink.recover(&self.store).await {
                 let msg = format!("endpoint {sink_name}: recovery failed: {e:#}");
                 tracing::error!("{msg}");
                 report.errors.push(msg);
-                return;
+                return None;
             }
         }
-        let queue = match self.store.queue(&link.name, direction) {
+        let mut queue = match self.store.queue(&link.name, direction) {
             Ok(q) => q,
             Err(e) => {
                 report.errors.push(e.to_string());
-                return;
+                return None;
             }
         };
+        if !skip.is_empty() {
+            queue.retain(|p| !skip.contains(&p.pos));
+        }
+        let ids: Vec<i64> = queue.iter().map(|p| p.id).collect();
         let n = queue.len() as u64;
         match sink.deliver(&self.store, queue, dry_run).await {
             Ok(r) => {
@@ -158,6 +174,7 @@ impl Pump {
                     self.live.endpoint_ok(sink_name);
                 }
                 report.planned.extend(r.planned);
+                Some(ids)
             }
             Err(e) => {
                 report.queued += n;
@@ -165,21 +182,160 @@ impl Pump {
                 tracing::error!("{msg}");
                 self.live.endpoint_error(sink_name, &msg);
                 report.errors.push(msg);
+                None
             }
         }
     }
 
     /// One full pass over every source and link.
+    ///
+    /// Deliveries start while the sources are still being taken: each delivery round
+    /// hands every link's queue, as committed so far, to its sink, and another round
+    /// follows whenever more was queued meanwhile. The last round starts after every
+    /// source was scanned, so the pass ends with what one take-then-deliver pass would
+    /// have delivered, only sooner (the take's hashing and fsyncs overlap the uploads, and
+    /// an FTP sink logs in while the folder is still being read).
+    ///
+    /// - As in the daemon, an endpoint is never taken from and delivered to at the same
+    ///   time (one lock per endpoint).
+    /// - Rounds run one after the other and a till's packages are committed in order, so
+    ///   each till's order is kept.
+    /// - A till a round could not deliver (refused, busy, sink down) is left out of the
+    ///   pass's later rounds, as it would be left until the next pass; a sink that failed
+    ///   as a whole is left out for the rest of the pass.
+    /// - A dry run plans the take, then the deliveries, without overlap.
     pub async fn pass(&self, dry_run: bool) -> PassReport {
         let mut report = PassReport::default();
-        for ep in self.endpoints.values() {
-            self.take_from(ep, dry_run, &mut report).await;
+        if dry_run {
+            for ep in self.endpoints.values() {
+                self.take_from(ep, true, &mut report).await;
+            }
+            for link in &self.config.links {
+                for dir in [Direction::Down, Direction::Up] {
+                    self.deliver_link(link, dir, true, &mut report).await;
+                }
+            }
+            return report;
         }
-        for link in &self.config.links {
+        let locks: BTreeMap<&str, tokio::sync::Mutex<()>> = self
+            .endpoints
+            .keys()
+            .map(|k| (k.as_str(), tokio::sync::Mutex::new(())))
+            .collect();
+        let mut queued = self.store.watch_queued();
+        let (taken_all, mut takes_done) = tokio::sync::watch::channel(false);
+        let takes = async {
+            let mut r = PassReport::default();
+            for ep in self.endpoints.values() {
+                let _g = locks[ep.name()].lock().await;
+                self.take_from(ep, false, &mut r).await;
+            }
+            taken_all.send_replace(true);
+            r
+        };
+        let deliveries = async {
+            let mut r = PassReport::default();
+            let mut rounds = Rounds::default();
+            loop {
+                let last = *takes_done.borrow_and_update();
+                queued.borrow_and_update();
+                self.deliver_round(&locks, &mut rounds, &mut r).await;
+                if last {
+                    return (r, rounds);
+                }
+                tokio::select! {
+                    _ = queued.changed() => {}
+                    _ = takes_done.changed() => {}
+                }
+            }
+        };
+        let (took, (delivered, rounds)) = tokio::join!(takes, deliveries);
+        report.taken = took.taken;
+        report.waiting = took.waiting;
+        report.errors = took.errors;
+        report.delivered = delivered.delivered;
+        report.errors.extend(delivered.errors);
+        // What stays queued: everything left out of the later rounds, and whatever the
+        // sinks could not take.
+        for (i, link) in self.config.links.iter().enumerate() {
             for dir in [Direction::Down, Direction::Up] {
-                self.deliver_link(link, dir, dry_run, &mut report).await;
+                if rounds.tried.contains(&(i, dir)) {
+                    report.queued += self
+                        .store
+                        .queue(&link.name, dir)
+                        .map_or(0, |q| q.len() as u64);
+                }
             }
         }
         report
     }
+
+    /// One delivery round: every link's queues, both directions, each under its sink's
+    /// lock, without the tills and sinks that failed earlier in the pass.
+    async fn deliver_round(
+        &self,
+        locks: &BTreeMap<&str, tokio::sync::Mutex<()>>,
+        rounds: &mut Rounds,
+        report: &mut PassReport,
+    ) {
+        for (i, link) in self.config.links.iter().enumerate() {
+            for dir in [Direction::Down, Direction::Up] {
+                if rounds.down.contains(&(i, dir)) {
+                    continue;
+                }
+                let sink = match dir {
+                    Direction::Down => link.kassa.as_str(),
+                    Direction::Up => link.office.as_str(),
+                };
+                let _g = match locks.get(sink) {
+                    Some(l) => l.lock().await,
+                    None => continue,
+                };
+                let skip = rounds.skip.entry((i, dir)).or_default();
+                let mut round = PassReport::default();
+                let handed = self
+                    .deliver_link_except(link, dir, false, skip, &mut round)
+                    .await;
+                report.delivered += round.delivered;
+                let failed = round.queued > 0 || !round.errors.is_empty();
+                for e in round.errors {
+                    if !report.errors.contains(&e) {
+                        report.errors.push(e);
+                    }
+                }
+                match handed {
+                    Some(ids) if round.queued == 0 => {
+                        if !ids.is_empty() {
+                            rounds.tried.insert((i, dir));
+                        }
+                    }
+                    Some(ids) => {
+                        // Which of the packages handed over are still queued: their
+                        // tills wait for the next pass.
+                        rounds.tried.insert((i, dir));
+                        let handed: HashSet<i64> = ids.into_iter().collect();
+                        if let Ok(q) = self.store.queue(&link.name, dir) {
+                            skip.extend(q.iter().filter(|p| handed.contains(&p.id)).map(|p| p.pos));
+                        }
+                    }
+                    None if failed => {
+                        rounds.tried.insert((i, dir));
+                        rounds.down.insert((i, dir));
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// What the delivery rounds of one pass learned, per (link index, direction).
+#[derive(Default)]
+struct Rounds {
+    /// Tills left out of the pass's later rounds.
+    skip: HashMap<(usize, Direction), HashSet<u32>>,
+    /// Sinks that failed as a whole: left out of the pass's later rounds.
+    down: HashSet<(usize, Direction)>,
+    /// Handed packages at least once (what stays queued there is counted at the end).
+    tried: HashSet<(usize, Direction)>,
 }

@@ -368,6 +368,9 @@ pub struct Store {
     /// The same generation, for tasks that wait for it to change (the HTTP service's
     /// background encoder of big replies, `watch_down`).
     down_watch: tokio::sync::watch::Sender<u64>,
+    /// Changes after every commit that queues a package in either direction (`sync`
+    /// delivers while its sources are still being taken, `watch_queued`).
+    queued_watch: tokio::sync::watch::Sender<u64>,
     /// Set by a lazy commit (see [`Store::mark_delivered_batch`]): the WAL holds commits
     /// that are not fsync'd yet; [`Store::sync_lazy`] makes them durable.
     lazy_pending: std::sync::atomic::AtomicBool,
@@ -580,6 +583,7 @@ impl Store {
             group: Default::default(),
             down_generation: Default::default(),
             down_watch: tokio::sync::watch::Sender::new(0),
+            queued_watch: tokio::sync::watch::Sender::new(0),
             lazy_pending: std::sync::atomic::AtomicBool::new(false),
             _lock: Some(lock),
         };
@@ -627,6 +631,7 @@ impl Store {
             group: Default::default(),
             down_generation: Default::default(),
             down_watch: tokio::sync::watch::Sender::new(0),
+            queued_watch: tokio::sync::watch::Sender::new(0),
             lazy_pending: std::sync::atomic::AtomicBool::new(false),
             _lock: None,
         })
@@ -874,6 +879,7 @@ impl Store {
     /// A package of `kind` was just committed: a till's cached "nothing for you" may be
     /// stale now.
     fn queued(&self, kind: Kind) {
+        self.queued_watch.send_modify(|g| *g += 1);
         if kind.direction() == Direction::Down {
             let g = self
                 .down_generation
@@ -894,6 +900,11 @@ impl Store {
     /// towards the tills.
     pub fn watch_down(&self) -> tokio::sync::watch::Receiver<u64> {
         self.down_watch.subscribe()
+    }
+
+    /// Changes after every commit that queues a package, in either direction.
+    pub fn watch_queued(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.queued_watch.subscribe()
     }
 
     /// Commit point 1: the package is in the store. Returns its journal id.
@@ -1341,9 +1352,11 @@ impl Store {
         };
         match r {
             Ok(ids) => {
+                // One notice for the batch; a down one if any package goes down.
                 if let Some((t, _)) = items
                     .iter()
                     .find(|(t, _)| t.kind.direction() == Direction::Down)
+                    .or(items.first())
                 {
                     self.queued(t.kind);
                 }
