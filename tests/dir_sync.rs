@@ -8,14 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kkm-bridge");
+#[path = "support/util.rs"]
+mod util;
+use util::fixture;
 
-fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+const BIN: &str = env!("CARGO_BIN_EXE_kkm-bridge");
 
 struct Site {
     _tmp: tempfile::TempDir,

@@ -15,12 +15,10 @@ use kkm_bridge::watch::{self, Daemon, Shutdown};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+#[path = "../support/util.rs"]
+mod util;
+#[allow(unused_imports)] // each test file uses only some of them
+pub use util::{fixture, free_port};
 
 /// The config of the tests: tills 1-10 linked; the login "kassa" may act for 1-20 (so
 /// 11-20 are allowed but in no link), "kassa7" only for till 7.
@@ -350,13 +348,4 @@ pub fn data_bytes(reply: &Reply) -> Vec<u8> {
     let j = reply.json();
     let data = j["data"].as_str().expect("data is a string");
     kkm_bridge::package::decode_package_data(data.as_bytes(), 1 << 30).unwrap()
-}
-
-/// A port nobody listens on right now (for the real binary, which binds it itself).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
