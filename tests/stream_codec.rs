@@ -16,6 +16,10 @@ use kkm_bridge::stream_codec::{
 };
 use proptest::prelude::*;
 
+#[path = "support/util.rs"]
+mod util;
+use util::noise;
+
 fn config() -> ProptestConfig {
     ProptestConfig {
         cases: std::env::var("PROPTEST_CASES")
@@ -388,19 +392,6 @@ proptest! {
         write_base64_wrapped(&mut &bytes[..], &mut out, b"\r\n").unwrap();
         prop_assert_eq!(out, wrap_base64_crlf(&encode_plain_base64(&bytes)).into_bytes());
     }
-}
-
-/// Deterministic bytes (xorshift), `n` of them.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Around the decoder's chunk boundary (base64 is decoded a `CHUNK` of characters at a
