@@ -16,20 +16,12 @@ use kkm_bridge::stream_codec::{
 };
 use proptest::prelude::*;
 
+#[path = "support/props.rs"]
+mod props;
 #[path = "support/util.rs"]
 mod util;
+use props::{fixtures, mutate};
 use util::noise;
-
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
 
 /// A store of its own, for a test that checks its scratch directory.
 fn fresh() -> (tempfile::TempDir, Store) {
@@ -143,35 +135,6 @@ fn wrap(bytes: &[u8], shape: u8) -> Vec<u8> {
             v
         }
     }
-}
-
-fn mutate(mut b: Vec<u8>, edits: &[(usize, u8, u8)]) -> Vec<u8> {
-    for &(at, op, byte) in edits {
-        if b.is_empty() {
-            b.push(byte);
-            continue;
-        }
-        let i = at % b.len();
-        match op % 4 {
-            0 => b[i] ^= byte | 1,
-            1 => b.insert(i, byte),
-            2 => {
-                b.remove(i);
-            }
-            _ => b.truncate(i),
-        }
-    }
-    b
-}
-
-fn fixtures() -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    let mut v: Vec<Vec<u8>> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path()).ok())
-        .collect();
-    v.sort();
-    v
 }
 
 /// What the bridge as a till did with a ReceiveData reply before it streamed: the JSON
@@ -304,7 +267,7 @@ fn reply_text(bytes: &[u8], order: u8, style: u8, uid: bool) -> Vec<u8> {
 const TRICKY: &[u8] = b"QUJDa+/=\"\\\r\n \t\x0cunrtbf0A9PK\x03\x04\x00\xff{}";
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(props::config(1000))]
 
     #[test]
     fn every_shape_of_any_bytes_decodes_the_same_at_any_cuts(
