@@ -349,3 +349,52 @@ pub fn data_bytes(reply: &Reply) -> Vec<u8> {
     let data = j["data"].as_str().expect("data is a string");
     kkm_bridge::package::decode_package_data(data.as_bytes(), 1 << 30).unwrap()
 }
+
+// ------------------------------------------------------------------ the real binary
+
+/// A config for the real binary run in a folder: the office folder `office` (rescan
+/// 500 ms) to tills 1-9 over HTTP on 127.0.0.1:`port`, no auth; `tills_extra`: more keys
+/// for the tills' endpoint (each ending in a newline).
+pub fn daemon_config(state_dir: &Path, port: u16, tills_extra: &str) -> String {
+    format!(
+        "state_dir = {state_dir:?}\n[endpoint.office]\ntype = \"dir\"\npath = \"office\"\n\
+         settle = \"0s\"\nrescan = \"500ms\"\n\
+         [endpoint.tills]\ntype = \"http\"\nlisten = \"127.0.0.1:{port}\"\nauth = \"none\"\n\
+         {tills_extra}\
+         [[link]]\noffice = \"office\"\nkassa = \"tills\"\npos = \"1-9\"\n"
+    )
+}
+
+/// Waits until the daemon listens on 127.0.0.1:`port`, at most `limit`.
+pub async fn wait_listening(port: u16, limit: Duration) -> SocketAddr {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t0 = Instant::now();
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(t0.elapsed() < limit, "the daemon listens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    addr
+}
+
+/// Puts a file into a watched folder by rename (`~tmp`, then `name`), so that it is never
+/// seen half-written.
+pub fn drop_by_rename(dir: &Path, name: &str, bytes: &[u8]) {
+    std::fs::write(dir.join("~tmp"), bytes).unwrap();
+    std::fs::rename(dir.join("~tmp"), dir.join(name)).unwrap();
+}
+
+/// Waits until `child` exits, at most `limit` (else fails with `what`).
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t0.elapsed() < limit, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
