@@ -505,6 +505,28 @@ impl Bridge {
     }
 }
 
+/// A bridge from the office folder `office` to the FTP directory `url` (endpoint
+/// `shopftp`, with `extra` keys) for tills `pos`.
+pub fn dir_to_ftp(office: &Path, url: &str, extra: &str, pos: &str) -> Bridge {
+    bridge(&format!(
+        "{}{}{}",
+        dir_endpoint("office", office, ""),
+        ftp_endpoint("shopftp", url, extra),
+        link("office", "shopftp", pos)
+    ))
+}
+
+/// A bridge from the office FTP directory `url` to the tills' folder `shop` for tills
+/// `pos`.
+pub fn ftp_to_dir(url: &str, shop: &Path, pos: &str) -> Bridge {
+    bridge(&format!(
+        "{}{}{}",
+        ftp_endpoint("office", url, ""),
+        dir_endpoint("shop", shop, ""),
+        link("office", "shop", pos)
+    ))
+}
+
 pub fn ftp_endpoint(name: &str, url: &str, extra: &str) -> String {
     format!(
         "[endpoint.{name}]\ntype = \"ftp\"\nurl = {url:?}\npoll = \"100ms\"\ntimeout = \"5s\"\n{extra}\n"
