@@ -511,9 +511,7 @@ fn example_ftp_to_http_config_is_valid() {
 /// pass writes it.
 #[tokio::test]
 async fn refused_rename_leaves_no_temp_and_is_retried() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
     let b = dir_to_ftp(office.path(), &server.url, "", "7");
     let spr = fixture("POS1.spr.cp1251");
@@ -536,9 +534,7 @@ async fn refused_rename_leaves_no_temp_and_is_retried() {
 /// next number. 4 tills × 10 packages, one session: batches of 32 and 8, till 4 in both.
 #[tokio::test]
 async fn a_refused_rename_stops_only_its_till_across_pipelined_batches() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
     office_packages(office.path(), 4, 10);
     let b = dir_to_ftp(office.path(), &server.url, "connections = 1", "1-4");
@@ -577,9 +573,7 @@ async fn a_refused_rename_stops_only_its_till_across_pipelined_batches() {
 /// whole.
 #[tokio::test]
 async fn a_short_upload_answered_226_is_caught_by_the_size_check() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
     office_packages(office.path(), 2, 3);
     let b = dir_to_ftp(office.path(), &server.url, "connections = 1", "1-2");
@@ -631,9 +625,7 @@ fn spool_files(b: &Bridge) -> usize {
 /// pass takes nothing and leaves no spool file, the file stays on the server, and the next
 /// passes take it whole, once, into the till's folder.
 async fn cut_download_is_retried_whole(spr: Vec<u8>) {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let shop = tempfile::tempdir().unwrap();
     server.put("POS8.spr.$1", &spr).await;
     let b = ftp_to_dir(&server.url, shop.path(), "8");

@@ -6,7 +6,6 @@
 //! tests/ftp.rs.)
 #![allow(dead_code)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 #[path = "support/ftp_server.rs"]
@@ -29,9 +28,7 @@ async fn temps(server: &Server) -> Vec<String> {
 /// next pass, and the package is taken once, whole.
 #[tokio::test]
 async fn a_listing_slower_than_timeout_times_out_reconnects_and_loses_nothing() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let shop = tempfile::tempdir().unwrap();
     let spr = fixture("POS1.spr.cp1251");
     server.put("POS3.spr.$1", &spr).await;
@@ -70,9 +67,7 @@ async fn a_listing_slower_than_timeout_times_out_reconnects_and_loses_nothing() 
 /// temp file is left, and once space returns it is written once.
 #[tokio::test]
 async fn a_full_disk_on_the_server_keeps_the_package_queued_and_leaves_no_temp() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
     let b = dir_to_ftp(office.path(), &server.url, "", "4");
     let spr = fixture("POS1.spr.utf8bom");
@@ -104,9 +99,7 @@ async fn a_full_disk_on_the_server_keeps_the_package_queued_and_leaves_no_temp()
 /// package name, it is cleaned up, and the package is written again, whole, once.
 #[tokio::test]
 async fn an_upload_dropped_mid_transfer_is_written_again_whole() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
     let b = dir_to_ftp(office.path(), &server.url, "", "5");
     let mut spr = fixture("POS1.spr.cp1251");

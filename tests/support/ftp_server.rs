@@ -137,6 +137,15 @@ impl Server {
         }
     }
 
+    /// libunftp over a temp root of its own, with [`Faults`] for the test to set (keep the
+    /// root alive as long as the server).
+    pub fn unftp_faulty() -> (tempfile::TempDir, Arc<Faults>, Server) {
+        let root = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::default());
+        let server = Server::unftp_with(root.path(), faults.clone());
+        (root, faults, server)
+    }
+
     /// vsftpd from `KKM_TEST_FTP_URL`, or None (the test prints a note and passes).
     pub fn vsftpd() -> Option<Server> {
         match std::env::var("KKM_TEST_FTP_URL") {
