@@ -304,12 +304,10 @@ async fn the_daemon_moves_big_packages_both_ways_in_bounded_memory() {
     std::fs::create_dir_all(&office).unwrap();
     std::fs::write(
         d.path().join("b.toml"),
-        format!(
-            "state_dir = \"state\"\n[endpoint.office]\ntype = \"dir\"\npath = \"office\"\n\
-             settle = \"0s\"\nrescan = \"500ms\"\n\
-             [endpoint.tills]\ntype = \"http\"\nlisten = \"127.0.0.1:{port}\"\nauth = \"none\"\n\
-             max_body = \"4GiB\"\nbody_timeout = \"600s\"\n\
-             [[link]]\noffice = \"office\"\nkassa = \"tills\"\npos = \"1-9\"\n"
+        daemon_config(
+            Path::new("state"),
+            port,
+            "max_body = \"4GiB\"\nbody_timeout = \"600s\"\n",
         ),
     )
     .unwrap();
@@ -320,20 +318,14 @@ async fn the_daemon_moves_big_packages_both_ways_in_bounded_memory() {
         .stderr(std::fs::File::create(d.path().join("stderr.log")).unwrap())
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t0 = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "the daemon listens");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let addr = wait_listening(port, Duration::from_secs(20)).await;
     let idle = vm_hwm(child.id());
 
     // Office → till: a big price list.
     let spr = big_payload(30, mib << 20);
     let spr_sha = sha256_hex(&spr);
-    std::fs::write(office.join("~tmp"), &spr).unwrap();
+    drop_by_rename(&office, "POS1.spr.$1", &spr);
     drop(spr);
-    std::fs::rename(office.join("~tmp"), office.join("POS1.spr.$1")).unwrap();
     let t0 = Instant::now();
     while office.join("POS1.spr.$1").exists() {
         assert!(t0.elapsed() < Duration::from_secs(300), "taken");
@@ -497,12 +489,7 @@ fn spawn_daemon(dir: &Path, port: u16, env: &[(&str, &str)], log: &str) -> std::
     std::fs::create_dir_all(dir.join("office")).unwrap();
     std::fs::write(
         dir.join("b.toml"),
-        format!(
-            "state_dir = \"state\"\n[endpoint.office]\ntype = \"dir\"\npath = \"office\"\n\
-             settle = \"0s\"\nrescan = \"500ms\"\n\
-             [endpoint.tills]\ntype = \"http\"\nlisten = \"127.0.0.1:{port}\"\nauth = \"none\"\n\
-             [[link]]\noffice = \"office\"\nkassa = \"tills\"\npos = \"1-9\"\n"
-        ),
+        daemon_config(Path::new("state"), port, ""),
     )
     .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kkm-bridge"));
@@ -515,22 +502,6 @@ fn spawn_daemon(dir: &Path, port: u16, env: &[(&str, &str)], log: &str) -> std::
         cmd.env(k, v);
     }
     cmd.spawn().unwrap()
-}
-
-async fn wait_listening(port: u16) -> std::net::SocketAddr {
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t0 = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(20), "the daemon listens");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    addr
-}
-
-/// Puts a file into the office folder by rename (taken at once, `settle = "0s"`).
-fn drop_by_rename(office: &Path, name: &str, bytes: &[u8]) {
-    std::fs::write(office.join("~tmp"), bytes).unwrap();
-    std::fs::rename(office.join("~tmp"), office.join(name)).unwrap();
 }
 
 async fn get_reply(addr: std::net::SocketAddr, pos: u32, number: u32) -> Reply {
@@ -556,20 +527,15 @@ async fn a_crash_while_encoding_ahead_never_serves_a_half_reply() {
         &[("KKM_BRIDGE_CRASH_AT", "reply-ahead-before-rename")],
         "run1.log",
     );
-    wait_listening(port).await;
+    wait_listening(port, Duration::from_secs(20)).await;
     let first = big_payload(50, 3 << 20);
     drop_by_rename(&office, "POS1.spr.$1", &first);
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "the crash point is reached while encoding ahead"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(120),
+        "the crash point is reached while encoding ahead",
+    )
+    .await;
     assert!(!status.success());
     let ids = package_ids(&kkm_bridge::store::Store::open_read_only(&state).unwrap());
     assert_eq!(ids.len(), 1, "the package was taken before the crash");
@@ -582,7 +548,7 @@ async fn a_crash_while_encoding_ahead_never_serves_a_half_reply() {
     std::fs::write(reply_file(&state, ids[0]), &half[..half.len() / 2]).unwrap();
 
     let mut child = spawn_daemon(d.path(), port, &[], "run2.log");
-    let addr = wait_listening(port).await;
+    let addr = wait_listening(port, Duration::from_secs(20)).await;
     let r = get_reply(addr, 1, 1).await;
     assert_eq!(r.errcode(), "0", "{}", r.errmessage());
     assert_eq!(
@@ -620,7 +586,7 @@ async fn a_crash_while_encoding_ahead_never_serves_a_half_reply() {
     eprintln!("killed while encoding ahead: {caught}");
 
     let mut child = spawn_daemon(d.path(), port, &[], "run3.log");
-    let addr = wait_listening(port).await;
+    let addr = wait_listening(port, Duration::from_secs(20)).await;
     // The till asks for the next number: package 1 is acknowledged, package 2 served whole.
     let r = get_reply(addr, 1, 2).await;
     assert_eq!(r.errcode(), "0", "{}", r.errmessage());

@@ -8,14 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime};
 
-const BIN: &str = env!("CARGO_BIN_EXE_kkm-bridge");
+#[path = "support/util.rs"]
+mod util;
+use util::fixture;
 
-fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+const BIN: &str = env!("CARGO_BIN_EXE_kkm-bridge");
 
 struct Site {
     _tmp: tempfile::TempDir,
@@ -124,13 +121,16 @@ fn spr(pos: u32, n: u32) -> Vec<u8> {
     b
 }
 
+/// Packages 1-3 of each of tills 1-3: (till, number, file name).
+fn three_by_three() -> impl Iterator<Item = (u32, u32, String)> {
+    (1..=3).flat_map(|pos| (1..=3).map(move |n| (pos, n, format!("POS{pos}.spr.${n}"))))
+}
+
 #[test]
 fn spr_files_reach_the_kassa_folder_with_the_same_bytes_and_order() {
     let s = Site::new("", "");
-    for pos in 1..=3 {
-        for n in 1..=3 {
-            s.put(&s.office(), &format!("POS{pos}.spr.${n}"), &spr(pos, n));
-        }
+    for (pos, n, name) in three_by_three() {
+        s.put(&s.office(), &name, &spr(pos, n));
     }
     s.sync_ok();
     assert!(
@@ -139,14 +139,8 @@ fn spr_files_reach_the_kassa_folder_with_the_same_bytes_and_order() {
     );
     let got = files(&s.shop());
     assert_eq!(got.len(), 9);
-    for pos in 1..=3 {
-        for n in 1..=3 {
-            assert_eq!(
-                got[&format!("POS{pos}.spr.${n}")],
-                spr(pos, n),
-                "till {pos} #{n}"
-            );
-        }
+    for (pos, n, name) in three_by_three() {
+        assert_eq!(got[&name], spr(pos, n), "till {pos} #{n}");
     }
 }
 
@@ -363,10 +357,8 @@ fn a_second_process_on_the_same_state_dir_is_refused() {
 fn a_crash_at_any_commit_point_loses_and_doubles_nothing() {
     for point in kkm_bridge::failpoint::POINTS {
         let s = Site::new("", "");
-        for pos in 1..=3 {
-            for n in 1..=3 {
-                s.put(&s.office(), &format!("POS{pos}.spr.${n}"), &spr(pos, n));
-            }
+        for (pos, n, name) in three_by_three() {
+            s.put(&s.office(), &name, &spr(pos, n));
         }
         s.put(&s.shop(), "POS1.rep.$1", &fixture("POS1.rep.cp1251"));
         let o = s
@@ -384,14 +376,8 @@ fn a_crash_at_any_commit_point_loses_and_doubles_nothing() {
         s.sync_ok();
         let shop = files(&s.shop());
         assert_eq!(shop.len(), 9, "{point}: {:?}", shop.keys());
-        for pos in 1..=3 {
-            for n in 1..=3 {
-                assert_eq!(
-                    shop[&format!("POS{pos}.spr.${n}")],
-                    spr(pos, n),
-                    "{point} till {pos} #{n}"
-                );
-            }
+        for (pos, n, name) in three_by_three() {
+            assert_eq!(shop[&name], spr(pos, n), "{point} till {pos} #{n}");
         }
         let office = files(&s.office());
         assert_eq!(office.len(), 1, "{point}: {:?}", office.keys());

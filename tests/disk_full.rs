@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{data_bytes, free_port, request};
+use common::{daemon_config, data_bytes, drop_by_rename, free_port, request, wait_listening};
 
 const P: &str = "/hs/KKMTransfer";
 const LIMIT: u64 = 512 << 10;
@@ -202,34 +202,19 @@ async fn the_daemon_refuses_reports_keeps_files_and_resumes_when_the_limit_is_li
     let port = free_port();
     let office = d.path().join("office");
     std::fs::create_dir_all(&office).unwrap();
-    std::fs::write(
-        d.path().join("b.toml"),
-        format!(
-            "state_dir = {state:?}\n[endpoint.office]\ntype = \"dir\"\npath = \"office\"\n\
-             settle = \"0s\"\nrescan = \"500ms\"\n\
-             [endpoint.tills]\ntype = \"http\"\nlisten = \"127.0.0.1:{port}\"\nauth = \"none\"\n\
-             [[link]]\noffice = \"office\"\nkassa = \"tills\"\npos = \"1-9\"\n"
-        ),
-    )
-    .unwrap();
+    std::fs::write(d.path().join("b.toml"), daemon_config(&state, port, "")).unwrap();
     let log_path = d.path().join("stderr.log");
     let mut child = limited(d.path(), &["run", "--config", "b.toml"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let t0 = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(10), "the daemon listens");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let addr = wait_listening(port, Duration::from_secs(10)).await;
     let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
 
     // A price list from the office and a report from till 1 while writes fail.
     let spr = big("spr");
-    std::fs::write(office.join("~tmp"), &spr).unwrap();
-    std::fs::rename(office.join("~tmp"), office.join("POS1.spr.$1")).unwrap();
+    drop_by_rename(&office, "POS1.spr.$1", &spr);
     let rep = big("rep");
     let body = common::b64_crlf(&rep);
     let r = request(addr, "POST", &format!("{P}/SendData/1/1"), None, &body).await;

@@ -33,12 +33,7 @@ fn office_ftp_to_dir_tills(server: &mut Server) -> Pin<Box<dyn Future<Output = (
         server.put("POS1.spr.$10", &bom).await;
         server.put("POS1.spr.$9", &cp).await;
         server.put("POS2.spr.$1", b"##@@&&\n#\nLF only\n").await;
-        let b = bridge(&format!(
-            "{}{}{}",
-            ftp_endpoint("office", &server.url, ""),
-            dir_endpoint("shop", shop.path(), ""),
-            link("office", "shop", "1-9")
-        ));
+        let b = ftp_to_dir(&server.url, shop.path(), "1-9");
         // First sight is never taken: the size must hold across two listings.
         let first = b.pass().await;
         assert_eq!(first.taken, 0);
@@ -71,12 +66,7 @@ fn dir_tills_to_office_ftp(server: &mut Server) -> Pin<Box<dyn Future<Output = (
         server.put("POS3.rep.$1", b"old, unconsumed").await;
         std::fs::write(shop.path().join("POS3.rep.$1"), &rep_cp).unwrap();
         std::fs::write(shop.path().join("POS3.rep.$2"), &rep_bom).unwrap();
-        let b = bridge(&format!(
-            "{}{}{}",
-            ftp_endpoint("office", &server.url, ""),
-            dir_endpoint("shop", shop.path(), ""),
-            link("office", "shop", "1-9")
-        ));
+        let b = ftp_to_dir(&server.url, shop.path(), "1-9");
         let r = b.settle(5).await;
         assert_eq!((r.taken, r.delivered), (2, 2), "{r:?}");
         assert!(r.all_moved(), "{r:?}");
@@ -97,12 +87,7 @@ fn single_file_mode_waits_for_the_till(
 ) -> Pin<Box<dyn Future<Output = ()> + '_>> {
     Box::pin(async move {
         let office = tempfile::tempdir().unwrap();
-        let b = bridge(&format!(
-            "{}{}{}",
-            dir_endpoint("office", office.path(), ""),
-            ftp_endpoint("shopftp", &server.url, "numbered = false"),
-            link("office", "shopftp", "4")
-        ));
+        let b = dir_to_ftp(office.path(), &server.url, "numbered = false", "4");
         let first = b"##@@&&$$$RPL\r\n#\r\nfirst\r\n".to_vec();
         let second = b"##@@&&$$$ADD\r\n#\r\nsecond\r\n".to_vec();
         std::fs::write(office.path().join("POS4.spr.$1"), &first).unwrap();
@@ -135,12 +120,7 @@ fn crash_temp_is_cleaned_on_start(server: &mut Server) -> Pin<Box<dyn Future<Out
             .put(".kkm-bridge.00000000deadbeef.tmp", b"half")
             .await;
         server.put("readme.txt", b"not ours").await;
-        let b = bridge(&format!(
-            "{}{}{}",
-            dir_endpoint("office", office.path(), ""),
-            ftp_endpoint("shopftp", &server.url, ""),
-            link("office", "shopftp", "5")
-        ));
+        let b = dir_to_ftp(office.path(), &server.url, "", "5");
         std::fs::write(office.path().join("POS5.spr.$1"), b"##@@&&\r\n#\r\n").unwrap();
         let r = b.settle(3).await;
         assert_eq!(r.delivered, 1, "{r:?}");
@@ -161,12 +141,7 @@ fn server_killed_then_restarted(server: &mut Server) -> Pin<Box<dyn Future<Outpu
                 .await;
         }
         std::fs::write(shop.path().join("POS6.rep.$1"), b"report 1\r\n").unwrap();
-        let b = bridge(&format!(
-            "{}{}{}",
-            ftp_endpoint("office", &server.url, ""),
-            dir_endpoint("shop", shop.path(), ""),
-            link("office", "shop", "6")
-        ));
+        let b = ftp_to_dir(&server.url, shop.path(), "6");
         let r = b.pass().await; // first look at the FTP files; the report goes up
         assert_eq!(r.delivered, 1, "{r:?}");
         server.kill().await;
@@ -536,16 +511,9 @@ fn example_ftp_to_http_config_is_valid() {
 /// pass writes it.
 #[tokio::test]
 async fn refused_rename_leaves_no_temp_and_is_retried() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
-    let b = bridge(&format!(
-        "{}{}{}",
-        dir_endpoint("office", office.path(), ""),
-        ftp_endpoint("shopftp", &server.url, ""),
-        link("office", "shopftp", "7")
-    ));
+    let b = dir_to_ftp(office.path(), &server.url, "", "7");
     let spr = fixture("POS1.spr.cp1251");
     std::fs::write(office.path().join("POS7.spr.$1"), &spr).unwrap();
     faults
@@ -566,17 +534,10 @@ async fn refused_rename_leaves_no_temp_and_is_retried() {
 /// next number. 4 tills × 10 packages, one session: batches of 32 and 8, till 4 in both.
 #[tokio::test]
 async fn a_refused_rename_stops_only_its_till_across_pipelined_batches() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
     office_packages(office.path(), 4, 10);
-    let b = bridge(&format!(
-        "{}{}{}",
-        dir_endpoint("office", office.path(), ""),
-        ftp_endpoint("shopftp", &server.url, "connections = 1"),
-        link("office", "shopftp", "1-4")
-    ));
+    let b = dir_to_ftp(office.path(), &server.url, "connections = 1", "1-4");
     *faults.refuse_renames_to.lock().unwrap() =
         vec!["POS2.spr.$3".to_string(), "POS4.spr.$2".to_string()];
     let r = b.pass().await;
@@ -612,17 +573,10 @@ async fn a_refused_rename_stops_only_its_till_across_pipelined_batches() {
 /// whole.
 #[tokio::test]
 async fn a_short_upload_answered_226_is_caught_by_the_size_check() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
     office_packages(office.path(), 2, 3);
-    let b = bridge(&format!(
-        "{}{}{}",
-        dir_endpoint("office", office.path(), ""),
-        ftp_endpoint("shopftp", &server.url, "connections = 1"),
-        link("office", "shopftp", "1-2")
-    ));
+    let b = dir_to_ftp(office.path(), &server.url, "connections = 1", "1-2");
     faults
         .short_uploads
         .store(1, std::sync::atomic::Ordering::SeqCst);
@@ -671,17 +625,10 @@ fn spool_files(b: &Bridge) -> usize {
 /// pass takes nothing and leaves no spool file, the file stays on the server, and the next
 /// passes take it whole, once, into the till's folder.
 async fn cut_download_is_retried_whole(spr: Vec<u8>) {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let shop = tempfile::tempdir().unwrap();
     server.put("POS8.spr.$1", &spr).await;
-    let b = bridge(&format!(
-        "{}{}{}",
-        ftp_endpoint("office", &server.url, ""),
-        dir_endpoint("shop", shop.path(), ""),
-        link("office", "shop", "8")
-    ));
+    let b = ftp_to_dir(&server.url, shop.path(), "8");
     assert_eq!(b.pass().await.taken, 0); // first sight
     faults
         .cut_downloads
@@ -767,12 +714,12 @@ fn parallel_sessions_keep_each_tills_order(
         let proxy = Proxy::start(url_port(&server.url)).await;
         let office = tempfile::tempdir().unwrap();
         office_packages(office.path(), 8, 6);
-        let b = bridge(&format!(
-            "{}{}{}",
-            dir_endpoint("office", office.path(), ""),
-            ftp_endpoint("shopftp", &proxy.url(&server.url), "connections = 4"),
-            link("office", "shopftp", "1-8")
-        ));
+        let b = dir_to_ftp(
+            office.path(),
+            &proxy.url(&server.url),
+            "connections = 4",
+            "1-8",
+        );
         let r = b.pass().await;
         assert_eq!((r.taken, r.delivered, r.queued), (48, 48, 0), "{r:?}");
         assert_eq!(
@@ -830,12 +777,12 @@ fn one_session_dropped_mid_way_loses_and_doubles_nothing(
             proxy.drop_session_at("RNTO", 9, after_forward);
             let office = tempfile::tempdir().unwrap();
             office_packages(office.path(), 8, 6);
-            let b = bridge(&format!(
-                "{}{}{}",
-                dir_endpoint("office", office.path(), ""),
-                ftp_endpoint("shopftp", &proxy.url(&server.url), "connections = 4"),
-                link("office", "shopftp", "1-8")
-            ));
+            let b = dir_to_ftp(
+                office.path(),
+                &proxy.url(&server.url),
+                "connections = 4",
+                "1-8",
+            );
             let first = b.pass().await;
             assert_eq!(proxy.state.dropped.load(SeqCst), 1, "{after_forward}");
             assert!(!first.all_moved(), "{after_forward}: {first:?}");
@@ -864,12 +811,7 @@ fn lost_lazy_commits_are_redone_by_recovery(
     Box::pin(async move {
         let office = tempfile::tempdir().unwrap();
         office_packages(office.path(), 2, 3);
-        let b = bridge(&format!(
-            "{}{}{}",
-            dir_endpoint("office", office.path(), ""),
-            ftp_endpoint("shopftp", &server.url, "connections = 2"),
-            link("office", "shopftp", "1-2")
-        ));
+        let b = dir_to_ftp(office.path(), &server.url, "connections = 2", "1-2");
         let r = b.pass().await;
         assert_eq!((r.taken, r.delivered), (6, 6), "{r:?}");
         // The durable "delivering" commit had the temp names; the renames happened.
@@ -933,12 +875,7 @@ fn big_package_streams_whole(server: &mut Server) -> Pin<Box<dyn Future<Output =
             i += 1;
         }
         std::fs::write(office.path().join("POS9.spr.$1"), &big).unwrap();
-        let b = bridge(&format!(
-            "{}{}{}",
-            dir_endpoint("office", office.path(), ""),
-            ftp_endpoint("shopftp", &server.url, ""),
-            link("office", "shopftp", "9")
-        ));
+        let b = dir_to_ftp(office.path(), &server.url, "", "9");
         let r = b.pass().await;
         assert_eq!((r.taken, r.delivered), (1, 1), "{r:?}");
         assert_eq!(server.names().await, ["POS9.spr.$1"]);

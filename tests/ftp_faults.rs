@@ -2,10 +2,10 @@
 //! a listing slower than `timeout`, a full disk on the server (STOR answers 452 or 552),
 //! and the data connection dropped during an upload. Each test shows the endpoint
 //! recovers by itself, leaves no temp file and loses and doubles nothing.
-//! (Helpers copied from tests/ftp.rs, so that the two files evolve independently.)
+//! (The servers, faults and bridge helpers are tests/support/ftp_server.rs, shared with
+//! tests/ftp.rs.)
 #![allow(dead_code)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 #[path = "support/ftp_server.rs"]
@@ -28,9 +28,7 @@ async fn temps(server: &Server) -> Vec<String> {
 /// next pass, and the package is taken once, whole.
 #[tokio::test]
 async fn a_listing_slower_than_timeout_times_out_reconnects_and_loses_nothing() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let shop = tempfile::tempdir().unwrap();
     let spr = fixture("POS1.spr.cp1251");
     server.put("POS3.spr.$1", &spr).await;
@@ -69,16 +67,9 @@ async fn a_listing_slower_than_timeout_times_out_reconnects_and_loses_nothing() 
 /// temp file is left, and once space returns it is written once.
 #[tokio::test]
 async fn a_full_disk_on_the_server_keeps_the_package_queued_and_leaves_no_temp() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
-    let b = bridge(&format!(
-        "{}{}{}",
-        dir_endpoint("office", office.path(), ""),
-        ftp_endpoint("shopftp", &server.url, ""),
-        link("office", "shopftp", "4")
-    ));
+    let b = dir_to_ftp(office.path(), &server.url, "", "4");
     let spr = fixture("POS1.spr.utf8bom");
     std::fs::write(office.path().join("POS4.spr.$1"), &spr).unwrap();
     faults
@@ -108,16 +99,9 @@ async fn a_full_disk_on_the_server_keeps_the_package_queued_and_leaves_no_temp()
 /// package name, it is cleaned up, and the package is written again, whole, once.
 #[tokio::test]
 async fn an_upload_dropped_mid_transfer_is_written_again_whole() {
-    let root = tempfile::tempdir().unwrap();
-    let faults = Arc::new(Faults::default());
-    let server = Server::unftp_with(root.path(), faults.clone());
+    let (_root, faults, server) = Server::unftp_faulty();
     let office = tempfile::tempdir().unwrap();
-    let b = bridge(&format!(
-        "{}{}{}",
-        dir_endpoint("office", office.path(), ""),
-        ftp_endpoint("shopftp", &server.url, ""),
-        link("office", "shopftp", "5")
-    ));
+    let b = dir_to_ftp(office.path(), &server.url, "", "5");
     let mut spr = fixture("POS1.spr.cp1251");
     while spr.len() < 4096 {
         spr.extend_from_slice(b"1;2;3;\r\n");

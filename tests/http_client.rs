@@ -15,14 +15,11 @@ use kkm_bridge::pump::Pump;
 use kkm_bridge::sim::BackOffice;
 use kkm_bridge::store::Store;
 
-const BIN: &str = env!("CARGO_BIN_EXE_kkm-bridge");
+#[path = "support/util.rs"]
+mod util;
+use util::{fixture, noise};
 
-fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+const BIN: &str = env!("CARGO_BIN_EXE_kkm-bridge");
 
 fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     fs::read_dir(dir)
@@ -353,19 +350,6 @@ async fn wrong_password_is_an_error_naming_the_endpoint_and_till() {
     assert!(!err.contains("wrong"), "the password never appears: {err}");
     assert_eq!(s.bo.pending(1), 1);
     s.server.abort();
-}
-
-/// Deterministic bytes of every value, `n` of them.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

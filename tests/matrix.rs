@@ -30,7 +30,7 @@ use kkm_bridge::store::Store;
 use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use unftp::Unftp;
+use unftp::{fixture, Unftp};
 
 const TILLS: [u32; 3] = [71, 72, 73];
 /// The till that gets the flr (and answers it with one more report).
@@ -41,13 +41,6 @@ const PREFIX: &str = "/trade/hs/KKMTransfer";
 const SPR_PER_TILL: usize = 3;
 const REP_PER_TILL: usize = 2;
 const LIMIT: Duration = Duration::from_secs(8);
-
-fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
 
 /// Package k of till p: both encodings, CRLF, a byte that is not UTF-8.
 fn spr(p: u32, k: usize) -> Vec<u8> {

@@ -12,33 +12,9 @@ use kkm_bridge::package::{
 };
 use proptest::prelude::*;
 
-fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2000)
-}
-
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: cases(),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
-
-fn fixtures() -> Vec<Vec<u8>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    let mut v: Vec<Vec<u8>> = std::fs::read_dir(&dir)
-        .map(|rd| {
-            rd.filter_map(|e| std::fs::read(e.ok()?.path()).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    assert!(!v.is_empty(), "fixtures in {}", dir.display());
-    v
-}
+#[path = "support/props.rs"]
+mod props;
+use props::{fixtures, mutate};
 
 fn example_configs() -> Vec<String> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
@@ -56,32 +32,12 @@ fn example_configs() -> Vec<String> {
     v
 }
 
-/// A byte string mutated at a few places (flip, insert, delete, truncate).
-fn mutate(mut b: Vec<u8>, edits: &[(usize, u8, u8)]) -> Vec<u8> {
-    for &(at, op, byte) in edits {
-        if b.is_empty() {
-            b.push(byte);
-            continue;
-        }
-        let i = at % b.len();
-        match op % 4 {
-            0 => b[i] ^= byte | 1,
-            1 => b.insert(i, byte),
-            2 => {
-                b.remove(i);
-            }
-            _ => b.truncate(i),
-        }
-    }
-    b
-}
-
 fn edits() -> impl Strategy<Value = Vec<(usize, u8, u8)>> {
     prop::collection::vec((any::<usize>(), any::<u8>(), any::<u8>()), 1..8)
 }
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(props::config(2000))]
 
     #[test]
     fn zip_base64_round_trips_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {

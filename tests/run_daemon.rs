@@ -208,15 +208,7 @@ async fn the_binary_serves_tills_and_stops_cleanly_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let start = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "the daemon listens"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let addr = wait_listening(port, Duration::from_secs(10)).await;
     // `run` created the office folder of a fresh install.
     let office = dir.path().join("var/office");
     assert!(office.is_dir());
@@ -235,8 +227,7 @@ async fn the_binary_serves_tills_and_stops_cleanly_on_sigterm() {
     );
 
     let spr = fixture("POS1.spr.utf8bom");
-    std::fs::write(office.join("~tmp"), &spr).unwrap();
-    std::fs::rename(office.join("~tmp"), office.join("POS1.spr.$1")).unwrap();
+    drop_by_rename(&office, "POS1.spr.$1", &spr);
     let start = Instant::now();
     loop {
         let r = request(
@@ -285,17 +276,12 @@ async fn the_binary_serves_tills_and_stops_cleanly_on_sigterm() {
         .status()
         .unwrap();
     assert!(kill.success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "stops within 10 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = wait_exit(
+        &mut child,
+        Duration::from_secs(10),
+        "stops within 10 s of SIGTERM",
+    )
+    .await;
     let mut stderr = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
     assert!(status.success(), "exit {status:?}: {stderr}");

@@ -16,16 +16,12 @@ use kkm_bridge::stream_codec::{
 };
 use proptest::prelude::*;
 
-fn config() -> ProptestConfig {
-    ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1000),
-        failure_persistence: None,
-        ..ProptestConfig::default()
-    }
-}
+#[path = "support/props.rs"]
+mod props;
+#[path = "support/util.rs"]
+mod util;
+use props::{fixtures, mutate};
+use util::noise;
 
 /// A store of its own, for a test that checks its scratch directory.
 fn fresh() -> (tempfile::TempDir, Store) {
@@ -139,35 +135,6 @@ fn wrap(bytes: &[u8], shape: u8) -> Vec<u8> {
             v
         }
     }
-}
-
-fn mutate(mut b: Vec<u8>, edits: &[(usize, u8, u8)]) -> Vec<u8> {
-    for &(at, op, byte) in edits {
-        if b.is_empty() {
-            b.push(byte);
-            continue;
-        }
-        let i = at % b.len();
-        match op % 4 {
-            0 => b[i] ^= byte | 1,
-            1 => b.insert(i, byte),
-            2 => {
-                b.remove(i);
-            }
-            _ => b.truncate(i),
-        }
-    }
-    b
-}
-
-fn fixtures() -> Vec<Vec<u8>> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
-    let mut v: Vec<Vec<u8>> = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| std::fs::read(e.ok()?.path()).ok())
-        .collect();
-    v.sort();
-    v
 }
 
 /// What the bridge as a till did with a ReceiveData reply before it streamed: the JSON
@@ -300,7 +267,7 @@ fn reply_text(bytes: &[u8], order: u8, style: u8, uid: bool) -> Vec<u8> {
 const TRICKY: &[u8] = b"QUJDa+/=\"\\\r\n \t\x0cunrtbf0A9PK\x03\x04\x00\xff{}";
 
 proptest! {
-    #![proptest_config(config())]
+    #![proptest_config(props::config(1000))]
 
     #[test]
     fn every_shape_of_any_bytes_decodes_the_same_at_any_cuts(
@@ -388,19 +355,6 @@ proptest! {
         write_base64_wrapped(&mut &bytes[..], &mut out, b"\r\n").unwrap();
         prop_assert_eq!(out, wrap_base64_crlf(&encode_plain_base64(&bytes)).into_bytes());
     }
-}
-
-/// Deterministic bytes (xorshift), `n` of them.
-fn noise(seed: u64, n: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
 }
 
 /// Around the decoder's chunk boundary (base64 is decoded a `CHUNK` of characters at a

@@ -15,12 +15,10 @@ use kkm_bridge::watch::{self, Daemon, Shutdown};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+#[path = "../support/util.rs"]
+mod util;
+#[allow(unused_imports)] // each test file uses only some of them
+pub use util::{fixture, free_port};
 
 /// The config of the tests: tills 1-10 linked; the login "kassa" may act for 1-20 (so
 /// 11-20 are allowed but in no link), "kassa7" only for till 7.
@@ -352,11 +350,51 @@ pub fn data_bytes(reply: &Reply) -> Vec<u8> {
     kkm_bridge::package::decode_package_data(data.as_bytes(), 1 << 30).unwrap()
 }
 
-/// A port nobody listens on right now (for the real binary, which binds it itself).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+// ------------------------------------------------------------------ the real binary
+
+/// A config for the real binary run in a folder: the office folder `office` (rescan
+/// 500 ms) to tills 1-9 over HTTP on 127.0.0.1:`port`, no auth; `tills_extra`: more keys
+/// for the tills' endpoint (each ending in a newline).
+pub fn daemon_config(state_dir: &Path, port: u16, tills_extra: &str) -> String {
+    format!(
+        "state_dir = {state_dir:?}\n[endpoint.office]\ntype = \"dir\"\npath = \"office\"\n\
+         settle = \"0s\"\nrescan = \"500ms\"\n\
+         [endpoint.tills]\ntype = \"http\"\nlisten = \"127.0.0.1:{port}\"\nauth = \"none\"\n\
+         {tills_extra}\
+         [[link]]\noffice = \"office\"\nkassa = \"tills\"\npos = \"1-9\"\n"
+    )
+}
+
+/// Waits until the daemon listens on 127.0.0.1:`port`, at most `limit`.
+pub async fn wait_listening(port: u16, limit: Duration) -> SocketAddr {
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let t0 = Instant::now();
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(t0.elapsed() < limit, "the daemon listens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    addr
+}
+
+/// Puts a file into a watched folder by rename (`~tmp`, then `name`), so that it is never
+/// seen half-written.
+pub fn drop_by_rename(dir: &Path, name: &str, bytes: &[u8]) {
+    std::fs::write(dir.join("~tmp"), bytes).unwrap();
+    std::fs::rename(dir.join("~tmp"), dir.join(name)).unwrap();
+}
+
+/// Waits until `child` exits, at most `limit` (else fails with `what`).
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+    what: &str,
+) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t0.elapsed() < limit, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -17,12 +17,10 @@ use suppaftp::tokio::AsyncFtpStream;
 use suppaftp::types::FileType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-pub fn fixture(name: &str) -> Vec<u8> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures")
-        .join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+#[path = "util.rs"]
+mod util;
+#[allow(unused_imports)] // each test file uses only some of them
+pub use util::{fixture, free_port};
 
 // ------------------------------------------------------------------ servers
 
@@ -125,14 +123,6 @@ impl Drop for InProc {
     }
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Server {
     pub fn unftp(root: &Path) -> Server {
         Server::unftp_with(root, Arc::new(Faults::default()))
@@ -145,6 +135,15 @@ impl Server {
             url: format!("ftp://kassa:any@127.0.0.1:{port}/Files"),
             kind: ServerKind::Unftp(InProc::start_with(root, port, faults)),
         }
+    }
+
+    /// libunftp over a temp root of its own, with [`Faults`] for the test to set (keep the
+    /// root alive as long as the server).
+    pub fn unftp_faulty() -> (tempfile::TempDir, Arc<Faults>, Server) {
+        let root = tempfile::tempdir().unwrap();
+        let faults = Arc::new(Faults::default());
+        let server = Server::unftp_with(root.path(), faults.clone());
+        (root, faults, server)
     }
 
     /// vsftpd from `KKM_TEST_FTP_URL`, or None (the test prints a note and passes).
@@ -513,6 +512,28 @@ impl Bridge {
         }
         total
     }
+}
+
+/// A bridge from the office folder `office` to the FTP directory `url` (endpoint
+/// `shopftp`, with `extra` keys) for tills `pos`.
+pub fn dir_to_ftp(office: &Path, url: &str, extra: &str, pos: &str) -> Bridge {
+    bridge(&format!(
+        "{}{}{}",
+        dir_endpoint("office", office, ""),
+        ftp_endpoint("shopftp", url, extra),
+        link("office", "shopftp", pos)
+    ))
+}
+
+/// A bridge from the office FTP directory `url` to the tills' folder `shop` for tills
+/// `pos`.
+pub fn ftp_to_dir(url: &str, shop: &Path, pos: &str) -> Bridge {
+    bridge(&format!(
+        "{}{}{}",
+        ftp_endpoint("office", url, ""),
+        dir_endpoint("shop", shop, ""),
+        link("office", "shop", pos)
+    ))
 }
 
 pub fn ftp_endpoint(name: &str, url: &str, extra: &str) -> String {

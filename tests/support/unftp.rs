@@ -5,19 +5,16 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+#[path = "util.rs"]
+mod util;
+#[allow(unused_imports)] // each test file uses only some of them
+pub use util::{fixture, free_port};
+
 pub struct Unftp {
     pub root: PathBuf,
     pub port: u16,
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Unftp {
