@@ -241,7 +241,7 @@ impl Pump {
                 queued.borrow_and_update();
                 self.deliver_round(&locks, &mut rounds, &mut r).await;
                 if last {
-                    return (r, rounds);
+                    return r;
                 }
                 tokio::select! {
                     _ = queued.changed() => {}
@@ -249,17 +249,20 @@ impl Pump {
                 }
             }
         };
-        let (took, (delivered, rounds)) = tokio::join!(takes, deliveries);
+        let (took, delivered) = tokio::join!(takes, deliveries);
         report.taken = took.taken;
         report.waiting = took.waiting;
         report.errors = took.errors;
         report.delivered = delivered.delivered;
         report.errors.extend(delivered.errors);
-        // What stays queued: everything left out of the later rounds, and whatever the
-        // sinks could not take.
-        for (i, link) in self.config.links.iter().enumerate() {
+        // What stays queued for a push sink: what its rounds left out or could not deliver.
+        for link in &self.config.links {
             for dir in [Direction::Down, Direction::Up] {
-                if rounds.tried.contains(&(i, dir)) {
+                let sink = match dir {
+                    Direction::Down => &link.kassa,
+                    Direction::Up => &link.office,
+                };
+                if self.endpoints.get(sink).is_some_and(|e| e.is_push_sink()) {
                     report.queued += self
                         .store
                         .queue(&link.name, dir)
@@ -304,25 +307,18 @@ impl Pump {
                     }
                 }
                 match handed {
-                    Some(ids) if round.queued == 0 => {
-                        if !ids.is_empty() {
-                            rounds.tried.insert((i, dir));
-                        }
-                    }
-                    Some(ids) => {
+                    Some(ids) if failed => {
                         // Which of the packages handed over are still queued: their
                         // tills wait for the next pass.
-                        rounds.tried.insert((i, dir));
                         let handed: HashSet<i64> = ids.into_iter().collect();
                         if let Ok(q) = self.store.queue(&link.name, dir) {
                             skip.extend(q.iter().filter(|p| handed.contains(&p.id)).map(|p| p.pos));
                         }
                     }
                     None if failed => {
-                        rounds.tried.insert((i, dir));
                         rounds.down.insert((i, dir));
                     }
-                    None => {}
+                    _ => {}
                 }
             }
         }
@@ -336,6 +332,4 @@ struct Rounds {
     skip: HashMap<(usize, Direction), HashSet<u32>>,
     /// Sinks that failed as a whole: left out of the pass's later rounds.
     down: HashSet<(usize, Direction)>,
-    /// Handed packages at least once (what stays queued there is counted at the end).
-    tried: HashSet<(usize, Direction)>,
 }

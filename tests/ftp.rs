@@ -567,6 +567,33 @@ async fn a_refused_rename_stops_only_its_till_across_pipelined_batches() {
     assert!(dir_names(office.path()).is_empty());
 }
 
+/// `sync` delivers while it is still taking: 300 packages are taken in two batches (256
+/// and 44), and delivery rounds start as they are committed. A till whose rename is
+/// refused in one round is left out of the pass's later rounds (the refusal is one-shot:
+/// a later round that retried it would succeed and put its later numbers out), and the
+/// other tills' packages of the second batch still go in this pass.
+#[tokio::test]
+async fn a_till_refused_in_one_delivery_round_waits_for_the_next_pass() {
+    let (_root, faults, server) = Server::unftp_faulty();
+    let office = tempfile::tempdir().unwrap();
+    office_packages(office.path(), 3, 100);
+    let b = dir_to_ftp(office.path(), &server.url, "connections = 2", "1-3");
+    *faults.refuse_renames_to.lock().unwrap() = vec!["POS1.spr.$5".to_string()];
+    let r = b.pass().await;
+    assert_eq!((r.taken, r.delivered, r.queued), (300, 204, 96), "{r:?}");
+    let names = server.names().await;
+    let want = |p: u32, last: u32| (1..=last).map(move |n| format!("POS{p}.spr.${n}"));
+    let mut first: Vec<String> = want(1, 4).chain(want(2, 100)).chain(want(3, 100)).collect();
+    first.sort();
+    let mut got = names.clone();
+    got.sort();
+    assert_eq!(got, first);
+    let r = b.pass().await;
+    assert_eq!((r.delivered, r.queued), (96, 0), "{r:?}");
+    assert_delivered_in_order(&server, 3, 100).await;
+    assert!(dir_names(office.path()).is_empty());
+}
+
 /// A server that answers 226 but keeps fewer bytes (line ends converted, a data connection
 /// cut by a middlebox with a clean FIN): the size check catches it before the rename, the
 /// temp goes, the till stops for the pass, other tills go on, and the next pass writes it
