@@ -873,6 +873,63 @@ async fn vsftpd_parallel_sessions_keep_each_tills_order() {
 }
 
 #[tokio::test]
+async fn unftp_refused_renames_stop_only_their_tills() {
+    on_unftp(refused_renames_stop_only_their_tills).await;
+}
+
+#[tokio::test]
+async fn vsftpd_refused_renames_stop_only_their_tills_in_pipelined_waves() {
+    on_vsftpd(refused_renames_stop_only_their_tills).await;
+}
+
+/// The server itself refuses two renames (a proxy sends them into a missing directory):
+/// till 2 stops before its package 3, till 4 before its package 2, the other tills go on,
+/// no temp is left, and the next pass goes on in order. On vsftpd the renames of a batch
+/// go in waves, one per till, several pairs in one write; a refused pair stops its till
+/// and not the others of its wave.
+fn refused_renames_stop_only_their_tills(
+    server: &mut Server,
+) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        use std::sync::atomic::Ordering::SeqCst;
+        let proxy = Proxy::start(url_port(&server.url)).await;
+        let office = tempfile::tempdir().unwrap();
+        office_packages(office.path(), 4, 10);
+        let b = dir_to_ftp(
+            office.path(),
+            &proxy.url(&server.url),
+            "connections = 1",
+            "1-4",
+        );
+        *proxy.state.refuse_rnto.lock().unwrap() =
+            vec!["POS2.spr.$3".to_string(), "POS4.spr.$2".to_string()];
+        let r = b.pass().await;
+        assert_eq!(
+            (r.taken, r.delivered, r.queued),
+            (40, 40 - 8 - 9, 17),
+            "{r:?}"
+        );
+        let want = |p: u32, last: u32| (1..=last).map(move |n| format!("POS{p}.spr.${n}"));
+        let mut first: Vec<String> = want(1, 10)
+            .chain(want(2, 2))
+            .chain(want(3, 10))
+            .chain(want(4, 1))
+            .collect();
+        first.sort();
+        assert_eq!(server.names().await, first);
+        match server.kind {
+            ServerKind::Vsftpd => assert!(proxy.state.rnto_with_rnfr.load(SeqCst) > 0, "no wave"),
+            ServerKind::Unftp(_) => assert_eq!(proxy.state.rnto_with_rnfr.load(SeqCst), 0),
+        }
+        let r = b.pass().await;
+        assert_eq!((r.delivered, r.queued), (17, 0), "{r:?}");
+        assert_renames_in_order(&proxy.renames());
+        assert_delivered_in_order(server, 4, 10).await;
+        assert!(dir_names(office.path()).is_empty());
+    })
+}
+
+#[tokio::test]
 async fn unftp_one_session_dropped_mid_way_loses_and_doubles_nothing() {
     on_unftp(one_session_dropped_mid_way_loses_and_doubles_nothing).await;
 }

@@ -643,6 +643,52 @@ impl Session<'_> {
         }
     }
 
+    /// Whether RNFR+RNTO may be written ahead of their replies on this session.
+    fn pipelines_renames(&self) -> bool {
+        self.ep.tls.is_none() && self.ep.pipeline_renames.load(Ordering::Relaxed)
+    }
+
+    /// Renames of different tills in one write (`rename_wave_pipelined`; only where
+    /// [`Session::pipelines_renames`]). Ok: one result per pair, in order; a refused pair
+    /// leaves the connection in step. Err: the connection failed, or the server answered
+    /// out of order; the session is dropped, and which of the pairs after the last answer
+    /// happened is for recovery to tell by the temps.
+    async fn rename_wave(
+        &mut self,
+        pairs: &[(&str, &str)],
+    ) -> Result<Vec<Result<(), FtpFail>>, FtpFail> {
+        let what = || format!("{} pipelined RNFR/RNTO pairs", pairs.len());
+        let after = self.ep.config.timeout;
+        let switch = &self.ep.pipeline_renames;
+        let f = self.ftp().await?;
+        match tokio::time::timeout(after, rename_wave_pipelined(f, pairs, switch)).await {
+            Ok(Ok(results)) => Ok(results
+                .into_iter()
+                .zip(pairs)
+                .map(|(r, (from, to))| {
+                    r.map_err(|source| FtpFail::Cmd {
+                        what: format!("RNFR {from} / RNTO {to}"),
+                        source,
+                    })
+                })
+                .collect()),
+            Ok(Err(source)) => {
+                self.broken();
+                Err(FtpFail::Cmd {
+                    what: what(),
+                    source,
+                })
+            }
+            Err(_) => {
+                self.broken();
+                Err(FtpFail::Timeout {
+                    what: what(),
+                    after,
+                })
+            }
+        }
+    }
+
     /// DELE; Ok(false) when the file is already gone (550).
     async fn dele(&mut self, name: &str) -> Result<bool, FtpFail> {
         match cmd!(self, format!("DELE {name}"), |f| f.rm(name)) {
@@ -669,19 +715,7 @@ async fn rename_pipelined(
     switch: &AtomicBool,
 ) -> Result<(), FtpError> {
     use suppaftp::Status;
-    let lines = format!("RNFR {from}\r\nRNTO {to}\r\n");
-    {
-        let sock = f.get_ref().await;
-        let mut rest = lines.as_bytes();
-        while !rest.is_empty() {
-            sock.writable().await.map_err(FtpError::ConnectionError)?;
-            match sock.try_write(rest) {
-                Ok(n) => rest = &rest[n..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(FtpError::ConnectionError(e)),
-            }
-        }
-    }
+    write_raw(f, &format!("RNFR {from}\r\nRNTO {to}\r\n")).await?;
     let rnfr = f.read_response_in(&[Status::RequestFilePending]).await;
     if let Err(FtpError::ConnectionError(e)) = rnfr {
         return Err(FtpError::ConnectionError(e));
@@ -699,6 +733,64 @@ async fn rename_pipelined(
     }
     rnfr?;
     rnto.map(|_| ())
+}
+
+/// Writes command lines to suppaftp's plain control socket, bypassing it (no pipelining
+/// in suppaftp; it writes its own commands unbuffered, so nothing is interleaved).
+async fn write_raw(f: &mut AsyncFtpStream, lines: &str) -> Result<(), FtpError> {
+    let sock = f.get_ref().await;
+    let mut rest = lines.as_bytes();
+    while !rest.is_empty() {
+        sock.writable().await.map_err(FtpError::ConnectionError)?;
+        match sock.try_write(rest) {
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(FtpError::ConnectionError(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Several RNFR/RNTO pairs in one write, then two replies per pair, in order. Each pair
+/// is a different till's, so one refused pair says nothing about the others (within a
+/// till, renames stay one at a time: a refused one must stop the till's later ones).
+/// Err for a broken connection, and for a reply out of order (an RNTO's slot holding a
+/// 350): pipelining is switched off for the endpoint.
+async fn rename_wave_pipelined(
+    f: &mut AsyncFtpStream,
+    pairs: &[(&str, &str)],
+    switch: &AtomicBool,
+) -> Result<Vec<Result<(), FtpError>>, FtpError> {
+    use suppaftp::Status;
+    let mut lines = String::new();
+    for (from, to) in pairs {
+        lines.push_str(&format!("RNFR {from}\r\nRNTO {to}\r\n"));
+    }
+    write_raw(f, &lines).await?;
+    let mut out = Vec::with_capacity(pairs.len());
+    for _ in pairs {
+        let rnfr = f.read_response_in(&[Status::RequestFilePending]).await;
+        if let Err(FtpError::ConnectionError(e)) = rnfr {
+            return Err(FtpError::ConnectionError(e));
+        }
+        // Some servers (e.g. bftpd) answer RNTO with 200 instead of 250.
+        let rnto = f
+            .read_response_in(&[Status::RequestedFileActionOk, Status::CommandOk])
+            .await;
+        match &rnto {
+            Err(FtpError::ConnectionError(_)) => return rnto.map(|_| Vec::new()),
+            Err(FtpError::UnexpectedResponse(r)) if r.status == Status::RequestFilePending => {
+                tracing::warn!("the FTP server answered a pipelined RNTO before its RNFR; renaming one command at a time from now on");
+                switch.store(false, Ordering::Relaxed);
+                return Err(FtpError::ConnectionError(std::io::Error::other(
+                    "replies to pipelined renames out of order",
+                )));
+            }
+            _ => {}
+        }
+        out.push(rnfr.and(rnto).map(|_| ()));
+    }
+    Ok(out)
 }
 
 /// The TLS client of an endpoint with `tls = "explicit"`, None for plain FTP.
@@ -1816,6 +1908,11 @@ impl FtpEndpoint {
     ) -> RenameOutcome {
         let mut done = Vec::with_capacity(ups.len());
         let mut reset: Vec<Uploaded> = Vec::new();
+        if s.pipelines_renames() {
+            return self
+                .rename_waves(s, store, ups, stopped, report, done, reset)
+                .await;
+        }
         let mut it = ups.into_iter();
         while let Some(u) = it.next() {
             if stopped.contains(&u.planned.pkg.pos) {
@@ -1832,7 +1929,8 @@ impl FtpEndpoint {
                     self.report_fail(&e, &format!("cannot deliver {}", u.planned.pkg.describe()));
                     report.failed += 1;
                     if e.is_connection() {
-                        report.busy += (reset.len() + it.len()) as u64;
+                        // (`reset` were counted as they were set aside.)
+                        report.busy += it.len() as u64;
                         return RenameOutcome {
                             done,
                             conn_lost: true,
@@ -1843,23 +1941,110 @@ impl FtpEndpoint {
                 }
             }
         }
-        if !reset.is_empty() {
-            let ids: Vec<i64> = reset.iter().map(|u| u.planned.pkg.id).collect();
-            let st = store.clone();
-            match tokio::task::spawn_blocking(move || st.reset_to_taken_batch(&ids)).await {
-                Ok(Ok(())) => {
-                    for u in &reset {
-                        self.drop_temp(s, &u.tmp, false).await;
-                    }
-                }
-                // Still "delivering" with their temps: recover() resets them.
-                Ok(Err(e)) => tracing::error!(endpoint = %self.name, "{e}"),
-                Err(e) => tracing::error!(endpoint = %self.name, "journal step: {e}"),
-            }
-        }
+        self.reset_refused(s, store, reset).await;
         RenameOutcome {
             done,
             conn_lost: false,
+        }
+    }
+
+    /// [`FtpEndpoint::rename_batch`] in waves: each wave renames the next package of every
+    /// till of the batch not stopped, all pairs in one write (`rename_wave`), so a batch
+    /// of 32 packages of 4 tills costs about 8 round trips instead of 32. A till's next
+    /// package waits for the next wave, after its previous rename was answered.
+    #[allow(clippy::too_many_arguments)]
+    async fn rename_waves(
+        &self,
+        s: &mut Session<'_>,
+        store: &Arc<Store>,
+        ups: Vec<Uploaded>,
+        stopped: &mut HashSet<u32>,
+        report: &mut DeliverReport,
+        mut done: Vec<Uploaded>,
+        mut reset: Vec<Uploaded>,
+    ) -> RenameOutcome {
+        let mut queue: Vec<Uploaded> = ups;
+        while !queue.is_empty() {
+            let mut wave: Vec<Uploaded> = Vec::new();
+            let mut later: Vec<Uploaded> = Vec::new();
+            let mut in_wave = HashSet::new();
+            for u in queue.drain(..) {
+                let pos = u.planned.pkg.pos;
+                if stopped.contains(&pos) {
+                    report.busy += 1;
+                    reset.push(u);
+                } else if in_wave.insert(pos) {
+                    wave.push(u);
+                } else {
+                    later.push(u);
+                }
+            }
+            queue = later;
+            if wave.is_empty() {
+                continue;
+            }
+            let pairs: Vec<(&str, &str)> = wave
+                .iter()
+                .map(|u| (u.tmp.as_str(), u.planned.final_name.as_str()))
+                .collect();
+            let results = match s.rename_wave(&pairs).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.report_fail(
+                        &e,
+                        &format!("cannot deliver {}", wave[0].planned.pkg.describe()),
+                    );
+                    report.failed += 1;
+                    report.busy += (wave.len() - 1 + queue.len()) as u64;
+                    return RenameOutcome {
+                        done,
+                        conn_lost: true,
+                    };
+                }
+            };
+            for (u, r) in wave.into_iter().zip(results) {
+                match r {
+                    Ok(()) => {
+                        crash_point("after-rename");
+                        done.push(u);
+                    }
+                    Err(e) => {
+                        self.report_fail(
+                            &e,
+                            &format!("cannot deliver {}", u.planned.pkg.describe()),
+                        );
+                        report.failed += 1;
+                        stopped.insert(u.planned.pkg.pos);
+                        reset.push(u);
+                    }
+                }
+            }
+        }
+        self.reset_refused(s, store, reset).await;
+        RenameOutcome {
+            done,
+            conn_lost: false,
+        }
+    }
+
+    /// Packages whose rename was refused, or whose till stopped before them: back to
+    /// "taken" durably, then their temps go (once a temp is gone, "delivering" would read
+    /// as done after a crash).
+    async fn reset_refused(&self, s: &mut Session<'_>, store: &Arc<Store>, reset: Vec<Uploaded>) {
+        if reset.is_empty() {
+            return;
+        }
+        let ids: Vec<i64> = reset.iter().map(|u| u.planned.pkg.id).collect();
+        let st = store.clone();
+        match tokio::task::spawn_blocking(move || st.reset_to_taken_batch(&ids)).await {
+            Ok(Ok(())) => {
+                for u in &reset {
+                    self.drop_temp(s, &u.tmp, false).await;
+                }
+            }
+            // Still "delivering" with their temps: recover() resets them.
+            Ok(Err(e)) => tracing::error!(endpoint = %self.name, "{e}"),
+            Err(e) => tracing::error!(endpoint = %self.name, "journal step: {e}"),
         }
     }
 

@@ -600,6 +600,11 @@ pub struct ProxyState {
     pub commands: std::sync::Mutex<Vec<(usize, String)>>,
     /// RNFR lines that arrived with their RNTO already behind them (one write: pipelined).
     pub rnfr_with_rnto: std::sync::atomic::AtomicUsize,
+    /// RNTO lines with a further RNFR already behind them (several renames in one write).
+    pub rnto_with_rnfr: std::sync::atomic::AtomicUsize,
+    /// An RNTO to one of these names is sent on as a rename into a missing directory, so
+    /// the server itself refuses it, in order with its other replies (once per name).
+    pub refuse_rnto: std::sync::Mutex<Vec<String>>,
     /// Drop the session that sends the `drop_nth`-th command starting with `drop_prefix`
     /// (1-based; 0 = never); with `drop_after_forward`, the command reaches the server
     /// first and only its reply is lost.
@@ -657,6 +662,16 @@ impl Proxy {
                         let text = String::from_utf8_lossy(&line).trim_end().to_string();
                         if text.starts_with("RNFR ") && lines.buffer().starts_with(b"RNTO ") {
                             st.rnfr_with_rnto.fetch_add(1, SeqCst);
+                        }
+                        if text.starts_with("RNTO ") && lines.buffer().starts_with(b"RNFR ") {
+                            st.rnto_with_rnfr.fetch_add(1, SeqCst);
+                        }
+                        if let Some(to) = text.strip_prefix("RNTO ") {
+                            let mut refuse = st.refuse_rnto.lock().unwrap();
+                            if let Some(i) = refuse.iter().position(|n| n == to) {
+                                refuse.remove(i);
+                                line = format!("RNTO /kkm-no-such-dir/{to}\r\n").into_bytes();
+                            }
                         }
                         st.commands.lock().unwrap().push((id, text.clone()));
                         let prefix = st.drop_prefix.lock().unwrap().clone();
