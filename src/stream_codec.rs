@@ -352,16 +352,28 @@ impl Base64Stream {
         if self.out.len() < room {
             self.out.resize(room, 0);
         }
-        let m = STANDARD
-            .decode_slice(quads, &mut self.out)
-            .map_err(|e| match e {
-                base64::DecodeSliceError::DecodeError(e) => {
-                    StreamError::Base64(shift(e, self.done))
-                }
-                base64::DecodeSliceError::OutputSliceTooSmall => {
-                    unreachable!("the buffer holds 3 bytes per quad")
-                }
-            })?;
+        // Whole quads without padding (all but the last piece): the SIMD decoder, 3–4×
+        // the speed of the scalar one on a 1 GiB report. Anything it refuses, and the
+        // last piece (padding, trailing bits), goes to the scalar decoder, whose error
+        // names the position.
+        let fast = if last {
+            None
+        } else {
+            base64_simd::STANDARD
+                .decode(quads, base64_simd::Out::from_slice(&mut self.out[..room]))
+                .ok()
+                .map(|d| d.len())
+        };
+        let m = match fast {
+            Some(m) => Ok(m),
+            None => STANDARD.decode_slice(quads, &mut self.out),
+        }
+        .map_err(|e| match e {
+            base64::DecodeSliceError::DecodeError(e) => StreamError::Base64(shift(e, self.done)),
+            base64::DecodeSliceError::OutputSliceTooSmall => {
+                unreachable!("the buffer holds 3 bytes per quad")
+            }
+        })?;
         emit(&self.out[..m])?;
         if let Some(p) = padding {
             return Err(StreamError::Base64(DecodeError::InvalidByte(
