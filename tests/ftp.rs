@@ -528,45 +528,6 @@ async fn refused_rename_leaves_no_temp_and_is_retried() {
     assert_eq!(server.get("POS7.spr.$1").await, spr);
 }
 
-/// A batch spans tills, and the next batch is uploaded while this one's journal commit is
-/// fsync'd: a refused rename stops only its own till, in this batch and in the next one
-/// (already uploaded), leaves no temp behind, and the next pass goes on with that till's
-/// next number. 4 tills × 10 packages, one session: batches of 32 and 8, till 4 in both.
-#[tokio::test]
-async fn a_refused_rename_stops_only_its_till_across_pipelined_batches() {
-    let (_root, faults, server) = Server::unftp_faulty();
-    let office = tempfile::tempdir().unwrap();
-    office_packages(office.path(), 4, 10);
-    let b = dir_to_ftp(office.path(), &server.url, "connections = 1", "1-4");
-    *faults.refuse_renames_to.lock().unwrap() =
-        vec!["POS2.spr.$3".to_string(), "POS4.spr.$2".to_string()];
-    let r = b.pass().await;
-    // Till 2 stops before its package 3, till 4 before its package 2 (its packages 3-10
-    // were in the next batch, uploaded before the refusal).
-    assert_eq!(
-        (r.taken, r.delivered, r.queued),
-        (40, 40 - 8 - 9, 17),
-        "{r:?}"
-    );
-    let names = server.names().await;
-    assert!(
-        !names.iter().any(|n| kkm_bridge::package::is_temp_name(n)),
-        "{names:?}"
-    );
-    let want = |p: u32, last: u32| (1..=last).map(move |n| format!("POS{p}.spr.${n}"));
-    let mut first: Vec<String> = want(1, 10)
-        .chain(want(2, 2))
-        .chain(want(3, 10))
-        .chain(want(4, 1))
-        .collect();
-    first.sort();
-    assert_eq!(names, first);
-    let r = b.pass().await;
-    assert_eq!((r.delivered, r.queued), (17, 0), "{r:?}");
-    assert_delivered_in_order(&server, 4, 10).await;
-    assert!(dir_names(office.path()).is_empty());
-}
-
 /// `sync` delivers while it is still taking: 300 packages are taken in two batches (256
 /// and 44), and delivery rounds start as they are committed. A till whose rename is
 /// refused in one round is left out of the pass's later rounds (the refusal is one-shot:
@@ -884,9 +845,12 @@ async fn vsftpd_refused_renames_stop_only_their_tills_in_pipelined_waves() {
 
 /// The server itself refuses two renames (a proxy sends them into a missing directory):
 /// till 2 stops before its package 3, till 4 before its package 2, the other tills go on,
-/// no temp is left, and the next pass goes on in order. On vsftpd the renames of a batch
-/// go in waves, one per till, several pairs in one write; a refused pair stops its till
-/// and not the others of its wave.
+/// no temp is left, and the next pass goes on in order. A batch spans tills, and the next
+/// batch is uploaded while this one's journal commit is fsync'd (4 tills × 10 packages,
+/// one session: batches of 32 and 8, till 4 in both), so a refusal stops its till in this
+/// batch and in the next one, already uploaded. On vsftpd the renames of a batch go in
+/// waves, one per till, several pairs in one write; a refused pair stops its till and not
+/// the others of its wave.
 fn refused_renames_stop_only_their_tills(
     server: &mut Server,
 ) -> Pin<Box<dyn Future<Output = ()> + '_>> {

@@ -368,7 +368,8 @@ macro_rules! cmd {
 }
 
 impl Session<'_> {
-    /// One step of a transfer (a data chunk, the final reply) under the timeout. Unlike a
+    /// One step of a transfer (a data chunk, the final reply, a wave of pipelined renames)
+    /// under the timeout. Unlike a
     /// plain command's negative reply, any failure here leaves the connection in an
     /// unknown state, so it is dropped.
     async fn transfer_step<T>(
@@ -657,36 +658,26 @@ impl Session<'_> {
         &mut self,
         pairs: &[(&str, &str)],
     ) -> Result<Vec<Result<(), FtpFail>>, FtpFail> {
-        let what = || format!("{} pipelined RNFR/RNTO pairs", pairs.len());
-        let after = self.ep.config.timeout;
-        let switch = &self.ep.pipeline_renames;
-        let f = self.ftp().await?;
-        match tokio::time::timeout(after, rename_wave_pipelined(f, pairs, switch)).await {
-            Ok(Ok(results)) => Ok(results
-                .into_iter()
-                .zip(pairs)
-                .map(|(r, (from, to))| {
-                    r.map_err(|source| FtpFail::Cmd {
-                        what: format!("RNFR {from} / RNTO {to}"),
-                        source,
-                    })
-                })
-                .collect()),
-            Ok(Err(source)) => {
-                self.broken();
-                Err(FtpFail::Cmd {
-                    what: what(),
+        self.ftp().await?;
+        let mut f = self.ftp.take().expect("connected above");
+        let ep = self.ep;
+        let results = self
+            .transfer_step(
+                || format!("{} pipelined RNFR/RNTO pairs", pairs.len()),
+                rename_wave_pipelined(&mut f, pairs, &ep.pipeline_renames),
+            )
+            .await?;
+        self.ftp = Some(f);
+        Ok(results
+            .into_iter()
+            .zip(pairs)
+            .map(|(r, (from, to))| {
+                r.map_err(|source| FtpFail::Cmd {
+                    what: format!("RNFR {from} / RNTO {to}"),
                     source,
                 })
-            }
-            Err(_) => {
-                self.broken();
-                Err(FtpFail::Timeout {
-                    what: what(),
-                    after,
-                })
-            }
-        }
+            })
+            .collect())
     }
 
     /// DELE; Ok(false) when the file is already gone (550).
