@@ -312,6 +312,8 @@ pub struct FtpEndpoint {
     stat_glob: AtomicBool,
     /// Whether RNFR and RNTO may go in one write (the server says it is vsftpd).
     pipeline_renames: AtomicBool,
+    /// The server answered pipelined renames out of order: never pipelined again.
+    out_of_order: AtomicBool,
     /// `tls = "explicit"`: the TLS client (one config, so sessions resume on the data
     /// connections, as vsftpd's `require_ssl_reuse` wants).
     tls: Option<tokio_rustls::TlsConnector>,
@@ -631,12 +633,10 @@ impl Session<'_> {
     /// RNFR/RNTO. On a plain connection to vsftpd both go in one write, so the pair costs
     /// one round trip instead of two (`rename_pipelined`); elsewhere one after the other.
     async fn rename(&mut self, from: &str, to: &str) -> Result<(), FtpFail> {
-        let pipeline = self.ep.tls.is_none() && self.ep.pipeline_renames.load(Ordering::Relaxed);
-        let safe = |n: &str| !n.contains(['\r', '\n', '\0']);
-        if pipeline && safe(from) && safe(to) {
-            let switch = &self.ep.pipeline_renames;
+        if self.pipelines_renames() && line_safe(from) && line_safe(to) {
+            let out_of_order = &self.ep.out_of_order;
             cmd!(self, format!("RNFR {from} / RNTO {to}"), |f| {
-                rename_pipelined(f, from, to, switch)
+                rename_pipelined(f, from, to, out_of_order)
             })
         } else {
             cmd!(self, format!("RNFR {from} / RNTO {to}"), |f| f
@@ -646,7 +646,9 @@ impl Session<'_> {
 
     /// Whether RNFR+RNTO may be written ahead of their replies on this session.
     fn pipelines_renames(&self) -> bool {
-        self.ep.tls.is_none() && self.ep.pipeline_renames.load(Ordering::Relaxed)
+        self.ep.tls.is_none()
+            && self.ep.pipeline_renames.load(Ordering::Relaxed)
+            && !self.ep.out_of_order.load(Ordering::Relaxed)
     }
 
     /// Renames of different tills in one write (`rename_wave_pipelined`; only where
@@ -658,13 +660,23 @@ impl Session<'_> {
         &mut self,
         pairs: &[(&str, &str)],
     ) -> Result<Vec<Result<(), FtpFail>>, FtpFail> {
+        if !pairs.iter().all(|(a, b)| line_safe(a) && line_safe(b)) {
+            let mut out = Vec::with_capacity(pairs.len());
+            for (from, to) in pairs {
+                match self.rename(from, to).await {
+                    Err(e) if e.is_connection() => return Err(e),
+                    r => out.push(r),
+                }
+            }
+            return Ok(out);
+        }
         self.ftp().await?;
         let mut f = self.ftp.take().expect("connected above");
         let ep = self.ep;
         let results = self
             .transfer_step(
                 || format!("{} pipelined RNFR/RNTO pairs", pairs.len()),
-                rename_wave_pipelined(&mut f, pairs, &ep.pipeline_renames),
+                rename_wave_pipelined(&mut f, pairs, &ep.out_of_order),
             )
             .await?;
         self.ftp = Some(f);
@@ -698,12 +710,12 @@ impl Session<'_> {
 /// reads replies through its own buffer, which the next `read_response_in` uses.
 ///
 /// A server that answers the RNTO before the RNFR (the RNTO's slot holds the 350) gets
-/// the pair again one after the other, and no more pipelining (`switch`).
+/// the pair again one after the other, and no more pipelining (`out_of_order`).
 async fn rename_pipelined(
     f: &mut AsyncFtpStream,
     from: &str,
     to: &str,
-    switch: &AtomicBool,
+    out_of_order: &AtomicBool,
 ) -> Result<(), FtpError> {
     use suppaftp::Status;
     write_raw(f, &format!("RNFR {from}\r\nRNTO {to}\r\n")).await?;
@@ -718,12 +730,17 @@ async fn rename_pipelined(
     if let Err(FtpError::UnexpectedResponse(r)) = &rnto {
         if r.status == Status::RequestFilePending {
             tracing::warn!("the FTP server answered a pipelined RNTO before its RNFR; renaming one command at a time from now on");
-            switch.store(false, Ordering::Relaxed);
+            out_of_order.store(true, Ordering::Relaxed);
             return f.rename(from, to).await;
         }
     }
     rnfr?;
     rnto.map(|_| ())
+}
+
+/// A name that can go on a command line written by hand (no CR, LF or NUL).
+fn line_safe(name: &str) -> bool {
+    !name.contains(['\r', '\n', '\0'])
 }
 
 /// Writes command lines to suppaftp's plain control socket, bypassing it (no pipelining
@@ -750,7 +767,7 @@ async fn write_raw(f: &mut AsyncFtpStream, lines: &str) -> Result<(), FtpError> 
 async fn rename_wave_pipelined(
     f: &mut AsyncFtpStream,
     pairs: &[(&str, &str)],
-    switch: &AtomicBool,
+    out_of_order: &AtomicBool,
 ) -> Result<Vec<Result<(), FtpError>>, FtpError> {
     use suppaftp::Status;
     let mut lines = String::new();
@@ -772,7 +789,7 @@ async fn rename_wave_pipelined(
             Err(FtpError::ConnectionError(_)) => return rnto.map(|_| Vec::new()),
             Err(FtpError::UnexpectedResponse(r)) if r.status == Status::RequestFilePending => {
                 tracing::warn!("the FTP server answered a pipelined RNTO before its RNFR; renaming one command at a time from now on");
-                switch.store(false, Ordering::Relaxed);
+                out_of_order.store(true, Ordering::Relaxed);
                 return Err(FtpError::ConnectionError(std::io::Error::other(
                     "replies to pipelined renames out of order",
                 )));
@@ -898,6 +915,7 @@ impl FtpEndpoint {
             list_a: AtomicBool::new(true),
             stat_glob: AtomicBool::new(true),
             pipeline_renames: AtomicBool::new(false),
+            out_of_order: AtomicBool::new(false),
             tls,
             config,
         })
@@ -1014,6 +1032,8 @@ impl FtpEndpoint {
                 // Pipelined renames only where they are known to work: vsftpd answers
                 // commands in order. libunftp, for one, answers an RNTO sent right behind
                 // its RNFR before the RNFR.
+                // Not on a server's say-so in the config: one that handles commands
+                // concurrently could pair an RNTO with the wrong RNFR of a wave.
                 let vsftpd = ftp.get_welcome_msg().is_some_and(|m| m.contains("vsFTPd"));
                 self.pipeline_renames.store(vsftpd, Ordering::Relaxed);
                 Ok(ftp)
