@@ -479,6 +479,20 @@ fn insert_taken(
     Ok(c.last_insert_rowid())
 }
 
+/// Opens an existing file to read it and fsync it. Windows' `FlushFileBuffers` needs write
+/// access (a read-only handle fails with "Access denied", os error 5), so there the file is
+/// opened for writing too (nothing is written); elsewhere read-only is enough.
+pub fn open_to_sync(path: &Path) -> io::Result<File> {
+    #[cfg(windows)]
+    {
+        fs::OpenOptions::new().read(true).write(true).open(path)
+    }
+    #[cfg(not(windows))]
+    {
+        File::open(path)
+    }
+}
+
 /// fsyncs a directory so that a rename or a new file in it survives a power cut.
 /// (Windows cannot open directories for this; NTFS journals renames itself.)
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -796,7 +810,7 @@ impl Store {
             return Ok(None);
         }
         let spooled = (|| -> io::Result<Spooled> {
-            let f = File::open(&path)?;
+            let f = open_to_sync(&path)?;
             let syncer = {
                 let f = f.try_clone()?;
                 std::thread::spawn(move || f.sync_all())
@@ -1323,7 +1337,7 @@ impl Store {
             return Ok(());
         }
         let wal = self.dir.join("journal.sqlite-wal");
-        let r = match File::open(&wal) {
+        let r = match open_to_sync(&wal) {
             Ok(f) => f.sync_data(),
             // No WAL file: a checkpoint has already made everything durable.
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -717,8 +717,28 @@ async fn rename_pipelined(
     to: &str,
     out_of_order: &AtomicBool,
 ) -> Result<(), FtpError> {
-    use suppaftp::Status;
     write_raw(f, &format!("RNFR {from}\r\nRNTO {to}\r\n")).await?;
+    match read_pair_replies(f, out_of_order).await? {
+        PairReply::Done(r) => r,
+        PairReply::OutOfOrder => f.rename(from, to).await,
+    }
+}
+
+/// The replies to one pipelined RNFR/RNTO pair.
+enum PairReply {
+    /// In step: the pair's outcome (a refusal keeps the connection usable).
+    Done(Result<(), FtpError>),
+    /// The RNTO's slot held the RNFR's 350: the server answers out of order. The endpoint
+    /// is marked (`out_of_order`) and never pipelines again.
+    OutOfOrder,
+}
+
+/// Reads the two replies of a pipelined RNFR/RNTO pair; Err for a broken connection.
+async fn read_pair_replies(
+    f: &mut AsyncFtpStream,
+    out_of_order: &AtomicBool,
+) -> Result<PairReply, FtpError> {
+    use suppaftp::Status;
     let rnfr = f.read_response_in(&[Status::RequestFilePending]).await;
     if let Err(FtpError::ConnectionError(e)) = rnfr {
         return Err(FtpError::ConnectionError(e));
@@ -727,15 +747,15 @@ async fn rename_pipelined(
     let rnto = f
         .read_response_in(&[Status::RequestedFileActionOk, Status::CommandOk])
         .await;
-    if let Err(FtpError::UnexpectedResponse(r)) = &rnto {
-        if r.status == Status::RequestFilePending {
+    match rnto {
+        Err(FtpError::ConnectionError(e)) => Err(FtpError::ConnectionError(e)),
+        Err(FtpError::UnexpectedResponse(r)) if r.status == Status::RequestFilePending => {
             tracing::warn!("the FTP server answered a pipelined RNTO before its RNFR; renaming one command at a time from now on");
             out_of_order.store(true, Ordering::Relaxed);
-            return f.rename(from, to).await;
+            Ok(PairReply::OutOfOrder)
         }
+        rnto => Ok(PairReply::Done(rnfr.and(rnto).map(|_| ()))),
     }
-    rnfr?;
-    rnto.map(|_| ())
 }
 
 /// A name that can go on a command line written by hand (no CR, LF or NUL).
@@ -769,7 +789,6 @@ async fn rename_wave_pipelined(
     pairs: &[(&str, &str)],
     out_of_order: &AtomicBool,
 ) -> Result<Vec<Result<(), FtpError>>, FtpError> {
-    use suppaftp::Status;
     let mut lines = String::new();
     for (from, to) in pairs {
         lines.push_str(&format!("RNFR {from}\r\nRNTO {to}\r\n"));
@@ -777,26 +796,14 @@ async fn rename_wave_pipelined(
     write_raw(f, &lines).await?;
     let mut out = Vec::with_capacity(pairs.len());
     for _ in pairs {
-        let rnfr = f.read_response_in(&[Status::RequestFilePending]).await;
-        if let Err(FtpError::ConnectionError(e)) = rnfr {
-            return Err(FtpError::ConnectionError(e));
-        }
-        // Some servers (e.g. bftpd) answer RNTO with 200 instead of 250.
-        let rnto = f
-            .read_response_in(&[Status::RequestedFileActionOk, Status::CommandOk])
-            .await;
-        match &rnto {
-            Err(FtpError::ConnectionError(_)) => return rnto.map(|_| Vec::new()),
-            Err(FtpError::UnexpectedResponse(r)) if r.status == Status::RequestFilePending => {
-                tracing::warn!("the FTP server answered a pipelined RNTO before its RNFR; renaming one command at a time from now on");
-                out_of_order.store(true, Ordering::Relaxed);
+        match read_pair_replies(f, out_of_order).await? {
+            PairReply::Done(r) => out.push(r),
+            PairReply::OutOfOrder => {
                 return Err(FtpError::ConnectionError(std::io::Error::other(
                     "replies to pipelined renames out of order",
-                )));
+                )))
             }
-            _ => {}
         }
-        out.push(rnfr.and(rnto).map(|_| ()));
     }
     Ok(out)
 }
