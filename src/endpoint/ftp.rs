@@ -651,16 +651,16 @@ impl Session<'_> {
             && !self.ep.out_of_order.load(Ordering::Relaxed)
     }
 
-    /// Renames of different tills in one write (`rename_wave_pipelined`; only where
-    /// [`Session::pipelines_renames`]). Ok: one result per pair, in order; a refused pair
-    /// leaves the connection in step. Err: the connection failed, or the server answered
-    /// out of order; the session is dropped, and which of the pairs after the last answer
-    /// happened is for recovery to tell by the temps.
+    /// Renames of different tills: in one write where [`Session::pipelines_renames`]
+    /// (`rename_wave_pipelined`), else one pair after the other. Ok: one result per pair,
+    /// in order; a refused pair leaves the connection in step. Err: the connection failed,
+    /// or the server answered out of order; the session is dropped, and which of the
+    /// wave's renames happened is for recovery to tell by the temps.
     async fn rename_wave(
         &mut self,
         pairs: &[(&str, &str)],
     ) -> Result<Vec<Result<(), FtpFail>>, FtpFail> {
-        if !pairs.iter().all(|(a, b)| line_safe(a) && line_safe(b)) {
+        if !self.pipelines_renames() || !pairs.iter().all(|(a, b)| line_safe(a) && line_safe(b)) {
             let mut out = Vec::with_capacity(pairs.len());
             for (from, to) in pairs {
                 match self.rename(from, to).await {
@@ -1910,12 +1910,18 @@ impl FtpEndpoint {
         }
     }
 
-    /// Renames a batch whose "delivering" commit is durable into place, in order. A refused
-    /// rename (e.g. 553) stops its till: that package and the till's later ones in the
-    /// batch are reset to "taken" (durably, before their temps go: once a temp is gone,
-    /// "delivering" would read as done after a crash). A lost connection stops the batch;
-    /// whether its last rename happened is for recovery to tell by the temps, as for the
-    /// rest, all journaled "delivering".
+    /// Renames a batch whose "delivering" commit is durable into place, each till's
+    /// packages in order, in waves: each wave renames the next package of every till of
+    /// the batch not stopped ([`Session::rename_wave`]: on vsftpd all pairs in one write,
+    /// so 32 packages of 4 tills cost about 8 round trips instead of 32; elsewhere one pair
+    /// after the other). A till's next package waits for the next wave, after its previous
+    /// rename was answered.
+    ///
+    /// A refused rename (e.g. 553) stops its till: that package and the till's later ones
+    /// in the batch are reset to "taken" (durably, before their temps go: once a temp is
+    /// gone, "delivering" would read as done after a crash). A lost connection stops the
+    /// batch; which of its renames happened is for recovery to tell by the temps, as for
+    /// the rest, all journaled "delivering".
     async fn rename_batch(
         &self,
         s: &mut Session<'_>,
@@ -1926,61 +1932,6 @@ impl FtpEndpoint {
     ) -> RenameOutcome {
         let mut done = Vec::with_capacity(ups.len());
         let mut reset: Vec<Uploaded> = Vec::new();
-        if s.pipelines_renames() {
-            return self
-                .rename_waves(s, store, ups, stopped, report, done, reset)
-                .await;
-        }
-        let mut it = ups.into_iter();
-        while let Some(u) = it.next() {
-            if stopped.contains(&u.planned.pkg.pos) {
-                report.busy += 1;
-                reset.push(u);
-                continue;
-            }
-            match s.rename(&u.tmp, &u.planned.final_name).await {
-                Ok(()) => {
-                    crash_point("after-rename");
-                    done.push(u);
-                }
-                Err(e) => {
-                    self.report_fail(&e, &format!("cannot deliver {}", u.planned.pkg.describe()));
-                    report.failed += 1;
-                    if e.is_connection() {
-                        // (`reset` were counted as they were set aside.)
-                        report.busy += it.len() as u64;
-                        return RenameOutcome {
-                            done,
-                            conn_lost: true,
-                        };
-                    }
-                    stopped.insert(u.planned.pkg.pos);
-                    reset.push(u);
-                }
-            }
-        }
-        self.reset_refused(s, store, reset).await;
-        RenameOutcome {
-            done,
-            conn_lost: false,
-        }
-    }
-
-    /// [`FtpEndpoint::rename_batch`] in waves: each wave renames the next package of every
-    /// till of the batch not stopped, all pairs in one write (`rename_wave`), so a batch
-    /// of 32 packages of 4 tills costs about 8 round trips instead of 32. A till's next
-    /// package waits for the next wave, after its previous rename was answered.
-    #[allow(clippy::too_many_arguments)]
-    async fn rename_waves(
-        &self,
-        s: &mut Session<'_>,
-        store: &Arc<Store>,
-        ups: Vec<Uploaded>,
-        stopped: &mut HashSet<u32>,
-        report: &mut DeliverReport,
-        mut done: Vec<Uploaded>,
-        mut reset: Vec<Uploaded>,
-    ) -> RenameOutcome {
         let mut queue: Vec<Uploaded> = ups;
         while !queue.is_empty() {
             let mut wave: Vec<Uploaded> = Vec::new();
