@@ -371,9 +371,8 @@ macro_rules! cmd {
 
 impl Session<'_> {
     /// One step of a transfer (a data chunk, the final reply, a wave of pipelined renames)
-    /// under the timeout. Unlike a
-    /// plain command's negative reply, any failure here leaves the connection in an
-    /// unknown state, so it is dropped.
+    /// under the timeout. Unlike a plain command's negative reply, any failure here leaves
+    /// the connection in an unknown state, so it is dropped.
     async fn transfer_step<T>(
         &mut self,
         what: impl FnOnce() -> String,
@@ -652,44 +651,50 @@ impl Session<'_> {
     }
 
     /// Renames of different tills: in one write where [`Session::pipelines_renames`]
-    /// (`rename_wave_pipelined`), else one pair after the other. Ok: one result per pair,
-    /// in order; a refused pair leaves the connection in step. Err: the connection failed,
-    /// or the server answered out of order; the session is dropped, and which of the
-    /// wave's renames happened is for recovery to tell by the temps.
-    async fn rename_wave(
-        &mut self,
-        pairs: &[(&str, &str)],
-    ) -> Result<Vec<Result<(), FtpFail>>, FtpFail> {
+    /// (`rename_wave_pipelined`), else one pair after the other. One result per pair, in
+    /// order, a refused pair leaving the connection in step; the results end early, with
+    /// that error last, at a connection-level failure. A pipelined wave that fails so (the
+    /// connection, or replies out of order) gives one error for its first pair: the session
+    /// is dropped, and which of the wave's renames happened is for recovery to tell by the
+    /// temps.
+    async fn rename_wave(&mut self, pairs: &[(&str, &str)]) -> Vec<Result<(), FtpFail>> {
+        let mut out = Vec::with_capacity(pairs.len());
         if !self.pipelines_renames() || !pairs.iter().all(|(a, b)| line_safe(a) && line_safe(b)) {
-            let mut out = Vec::with_capacity(pairs.len());
             for (from, to) in pairs {
-                match self.rename(from, to).await {
-                    Err(e) if e.is_connection() => return Err(e),
-                    r => out.push(r),
+                let r = self.rename(from, to).await;
+                let lost = r.as_ref().is_err_and(|e| e.is_connection());
+                out.push(r);
+                if lost {
+                    break;
                 }
             }
-            return Ok(out);
+            return out;
         }
-        self.ftp().await?;
+        if let Err(e) = self.ftp().await {
+            out.push(Err(e));
+            return out;
+        }
         let mut f = self.ftp.take().expect("connected above");
         let ep = self.ep;
-        let results = self
+        match self
             .transfer_step(
                 || format!("{} pipelined RNFR/RNTO pairs", pairs.len()),
                 rename_wave_pipelined(&mut f, pairs, &ep.out_of_order),
             )
-            .await?;
-        self.ftp = Some(f);
-        Ok(results
-            .into_iter()
-            .zip(pairs)
-            .map(|(r, (from, to))| {
-                r.map_err(|source| FtpFail::Cmd {
-                    what: format!("RNFR {from} / RNTO {to}"),
-                    source,
-                })
-            })
-            .collect())
+            .await
+        {
+            Ok(results) => {
+                self.ftp = Some(f);
+                out.extend(results.into_iter().zip(pairs).map(|(r, (from, to))| {
+                    r.map_err(|source| FtpFail::Cmd {
+                        what: format!("RNFR {from} / RNTO {to}"),
+                        source,
+                    })
+                }));
+            }
+            Err(e) => out.push(Err(e)),
+        }
+        out
     }
 
     /// DELE; Ok(false) when the file is already gone (550).
@@ -1038,8 +1043,7 @@ impl FtpEndpoint {
                 self.up();
                 // Pipelined renames only where they are known to work: vsftpd answers
                 // commands in order. libunftp, for one, answers an RNTO sent right behind
-                // its RNFR before the RNFR.
-                // Not on a server's say-so in the config: one that handles commands
+                // its RNFR before the RNFR, and a server that handles a session's commands
                 // concurrently could pair an RNTO with the wrong RNFR of a wave.
                 let vsftpd = ftp.get_welcome_msg().is_some_and(|m| m.contains("vsFTPd"));
                 self.pipeline_renames.store(vsftpd, Ordering::Relaxed);
@@ -1956,22 +1960,10 @@ impl FtpEndpoint {
                 .iter()
                 .map(|u| (u.tmp.as_str(), u.planned.final_name.as_str()))
                 .collect();
-            let results = match s.rename_wave(&pairs).await {
-                Ok(r) => r,
-                Err(e) => {
-                    self.report_fail(
-                        &e,
-                        &format!("cannot deliver {}", wave[0].planned.pkg.describe()),
-                    );
-                    report.failed += 1;
-                    report.busy += (wave.len() - 1 + queue.len()) as u64;
-                    return RenameOutcome {
-                        done,
-                        conn_lost: true,
-                    };
-                }
-            };
-            for (u, r) in wave.into_iter().zip(results) {
+            let results = s.rename_wave(&pairs).await;
+            let mut wave = wave.into_iter();
+            for r in results {
+                let u = wave.next().expect("one result per pair at most");
                 match r {
                     Ok(()) => {
                         crash_point("after-rename");
@@ -1983,6 +1975,14 @@ impl FtpEndpoint {
                             &format!("cannot deliver {}", u.planned.pkg.describe()),
                         );
                         report.failed += 1;
+                        if e.is_connection() {
+                            // (`reset` were counted as they were set aside.)
+                            report.busy += (wave.len() + queue.len()) as u64;
+                            return RenameOutcome {
+                                done,
+                                conn_lost: true,
+                            };
+                        }
                         stopped.insert(u.planned.pkg.pos);
                         reset.push(u);
                     }
