@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::package::{Kind, NamePattern};
+use crate::package::{Direction, Kind, NamePattern};
 
 /// A config that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,17 @@ pub struct LinkConfig {
     pub office: String,
     pub kassa: String,
     pub pos: PosSet,
+}
+
+impl LinkConfig {
+    /// The endpoint that receives this link's packages going `direction`: the kassa side
+    /// for price lists (down), the office side for reports (up).
+    pub fn sink(&self, direction: Direction) -> &str {
+        match direction {
+            Direction::Down => &self.kassa,
+            Direction::Up => &self.office,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

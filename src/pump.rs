@@ -131,10 +131,7 @@ impl Pump {
         skip: &HashSet<u32>,
         report: &mut PassReport,
     ) -> Option<Vec<i64>> {
-        let sink_name = match direction {
-            Direction::Down => &link.kassa,
-            Direction::Up => &link.office,
-        };
+        let sink_name = link.sink(direction);
         let sink = self.endpoints.get(sink_name)?;
         if !sink.is_push_sink() {
             return None;
@@ -258,10 +255,7 @@ impl Pump {
         // What stays queued for a push sink: what its rounds left out or could not deliver.
         for link in &self.config.links {
             for dir in [Direction::Down, Direction::Up] {
-                let sink = match dir {
-                    Direction::Down => &link.kassa,
-                    Direction::Up => &link.office,
-                };
+                let sink = link.sink(dir);
                 if self.endpoints.get(sink).is_some_and(|e| e.is_push_sink()) {
                     report.queued += self
                         .store
@@ -286,10 +280,7 @@ impl Pump {
                 if rounds.down.contains(&(i, dir)) {
                     continue;
                 }
-                let sink = match dir {
-                    Direction::Down => link.kassa.as_str(),
-                    Direction::Up => link.office.as_str(),
-                };
+                let sink = link.sink(dir);
                 let _g = match locks.get(sink) {
                     Some(l) => l.lock().await,
                     None => continue,

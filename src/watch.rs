@@ -116,10 +116,7 @@ impl Daemon {
                 continue;
             }
             for dir in [Direction::Down, Direction::Up] {
-                let sink = match dir {
-                    Direction::Down => &link.kassa,
-                    Direction::Up => &link.office,
-                };
+                let sink = link.sink(dir);
                 if !self
                     .pump
                     .endpoints
