@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[path = "util.rs"]
 mod util;
 #[allow(unused_imports)] // each test file uses only some of them
-pub use util::{fixture, free_port};
+pub use util::{fixture, free_port, noise};
 
 // ------------------------------------------------------------------ servers
 
@@ -613,6 +613,10 @@ pub struct ProxyState {
     pub drop_after_forward: std::sync::atomic::AtomicBool,
     pub seen: std::sync::atomic::AtomicUsize,
     pub dropped: std::sync::atomic::AtomicUsize,
+    /// Sessions allowed at once (0 = any number): one more is greeted with `421` and
+    /// closed, as servers with a per-user limit do.
+    pub max_sessions: std::sync::atomic::AtomicUsize,
+    pub refused: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Proxy {
@@ -638,6 +642,17 @@ impl Proxy {
                 let id = next_id;
                 let st = st.clone();
                 tokio::spawn(async move {
+                    let limit = st.max_sessions.load(SeqCst);
+                    if limit > 0 && st.open.load(SeqCst) >= limit {
+                        st.refused.fetch_add(1, SeqCst);
+                        let mut client = client;
+                        let _ = client
+                            .write_all(
+                                b"421 There are too many connected users, please try later.\r\n",
+                            )
+                            .await;
+                        return;
+                    }
                     let Ok(server) =
                         tokio::net::TcpStream::connect(("127.0.0.1", target_port)).await
                     else {
