@@ -268,50 +268,69 @@ impl Pump {
     }
 
     /// One delivery round: every link's queues, both directions, each under its sink's
-    /// lock, without the tills and sinks that failed earlier in the pass.
+    /// lock, without the tills and sinks that failed earlier in the pass. The sinks that
+    /// are free go first; those still being taken from (an FTP download and its `DELE`,
+    /// say) after them, so that they do not hold up the others: the report an FTP take
+    /// just committed reaches the office folder while the server deletes its file.
     async fn deliver_round(
         &self,
         locks: &BTreeMap<&str, tokio::sync::Mutex<()>>,
         rounds: &mut Rounds,
         report: &mut PassReport,
     ) {
+        let mut busy = Vec::new();
         for (i, link) in self.config.links.iter().enumerate() {
             for dir in [Direction::Down, Direction::Up] {
                 if rounds.down.contains(&(i, dir)) {
                     continue;
                 }
-                let sink = link.sink(dir);
-                let _g = match locks.get(sink) {
-                    Some(l) => l.lock().await,
-                    None => continue,
-                };
-                let skip = rounds.skip.entry((i, dir)).or_default();
-                let mut round = PassReport::default();
-                let handed = self
-                    .deliver_link_except(link, dir, false, skip, &mut round)
-                    .await;
-                report.delivered += round.delivered;
-                let failed = round.queued > 0 || !round.errors.is_empty();
-                for e in round.errors {
-                    if !report.errors.contains(&e) {
-                        report.errors.push(e);
-                    }
-                }
-                match handed {
-                    Some(ids) if failed => {
-                        // Which of the packages handed over are still queued: their
-                        // tills wait for the next pass.
-                        let handed: HashSet<i64> = ids.into_iter().collect();
-                        if let Ok(q) = self.store.queue(&link.name, dir) {
-                            skip.extend(q.iter().filter(|p| handed.contains(&p.id)).map(|p| p.pos));
-                        }
-                    }
-                    None if failed => {
-                        rounds.down.insert((i, dir));
-                    }
-                    _ => {}
+                match locks.get(link.sink(dir)).map(|l| l.try_lock()) {
+                    Some(Ok(_g)) => self.deliver_in_round(i, link, dir, rounds, report).await,
+                    Some(Err(_)) => busy.push((i, link, dir)),
+                    None => {}
                 }
             }
+        }
+        for (i, link, dir) in busy {
+            let _g = locks[link.sink(dir)].lock().await;
+            self.deliver_in_round(i, link, dir, rounds, report).await;
+        }
+    }
+
+    /// One link's queue in one direction, in a delivery round (its sink's lock held).
+    async fn deliver_in_round(
+        &self,
+        i: usize,
+        link: &crate::config::LinkConfig,
+        dir: Direction,
+        rounds: &mut Rounds,
+        report: &mut PassReport,
+    ) {
+        let skip = rounds.skip.entry((i, dir)).or_default();
+        let mut round = PassReport::default();
+        let handed = self
+            .deliver_link_except(link, dir, false, skip, &mut round)
+            .await;
+        report.delivered += round.delivered;
+        let failed = round.queued > 0 || !round.errors.is_empty();
+        for e in round.errors {
+            if !report.errors.contains(&e) {
+                report.errors.push(e);
+            }
+        }
+        match handed {
+            Some(ids) if failed => {
+                // Which of the packages handed over are still queued: their tills wait
+                // for the next pass.
+                let handed: HashSet<i64> = ids.into_iter().collect();
+                if let Ok(q) = self.store.queue(&link.name, dir) {
+                    skip.extend(q.iter().filter(|p| handed.contains(&p.id)).map(|p| p.pos));
+                }
+            }
+            None if failed => {
+                rounds.down.insert((i, dir));
+            }
+            _ => {}
         }
     }
 }

@@ -924,6 +924,46 @@ async fn vsftpd_a_big_upload_without_a_second_login_waits_on_its_connection() {
     on_vsftpd(a_big_upload_without_a_second_login_waits_on_its_connection).await;
 }
 
+/// A delivery round does not wait for a sink that is still being taken from: the report
+/// an FTP take just committed is in the office folder before the server is asked to
+/// delete its file (the `DELE` is held until it is there).
+fn a_report_reaches_the_office_while_its_ftp_file_is_deleted(
+    server: &mut Server,
+) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        use std::sync::atomic::Ordering::SeqCst;
+        let proxy = Proxy::start(url_port(&server.url)).await;
+        let office = tempfile::tempdir().unwrap();
+        server.put("POS1.rep.$1", b"report 1").await;
+        let there = office.path().join("POS1.rep.$1");
+        let check: Hold = Arc::new(move || there.exists());
+        *proxy.state.hold.lock().unwrap() = Some(("DELE ".into(), check));
+        let b = dir_to_ftp(office.path(), &proxy.url(&server.url), "", "1");
+        let r = b.settle(5).await;
+        assert_eq!((r.taken, r.delivered, r.queued), (1, 1, 0), "{r:?}");
+        assert_eq!(
+            proxy.state.held_ok.load(SeqCst),
+            1,
+            "in the office before the DELE"
+        );
+        assert_eq!(proxy.state.held_timeout.load(SeqCst), 0);
+        assert_eq!(
+            std::fs::read(office.path().join("POS1.rep.$1")).unwrap(),
+            b"report 1"
+        );
+        assert!(server.names().await.is_empty());
+    })
+}
+
+#[tokio::test]
+async fn unftp_a_report_reaches_the_office_while_its_ftp_file_is_deleted() {
+    on_unftp(a_report_reaches_the_office_while_its_ftp_file_is_deleted).await;
+}
+#[tokio::test]
+async fn vsftpd_a_report_reaches_the_office_while_its_ftp_file_is_deleted() {
+    on_vsftpd(a_report_reaches_the_office_while_its_ftp_file_is_deleted).await;
+}
+
 #[tokio::test]
 async fn unftp_a_big_upload_leaves_its_connection_to_close_in_the_background() {
     on_unftp(a_big_upload_leaves_its_connection_to_close_in_the_background).await;

@@ -617,7 +617,14 @@ pub struct ProxyState {
     /// closed, as servers with a per-user limit do.
     pub max_sessions: std::sync::atomic::AtomicUsize,
     pub refused: std::sync::atomic::AtomicUsize,
+    /// A command starting with the prefix is held until the check says true (or 3 s
+    /// passed), then sent on; `held_ok` / `held_timeout` count how each hold ended.
+    pub hold: std::sync::Mutex<Option<(String, Hold)>>,
+    pub held_ok: std::sync::atomic::AtomicUsize,
+    pub held_timeout: std::sync::atomic::AtomicUsize,
 }
+
+pub type Hold = Arc<dyn Fn() -> bool + Send + Sync>;
 
 impl Drop for Proxy {
     fn drop(&mut self) {
@@ -689,6 +696,19 @@ impl Proxy {
                             }
                         }
                         st.commands.lock().unwrap().push((id, text.clone()));
+                        let hold = st.hold.lock().unwrap().clone();
+                        if let Some((_, ready)) = hold.filter(|(p, _)| text.starts_with(p)) {
+                            let until = std::time::Instant::now() + Duration::from_secs(3);
+                            while !ready() && std::time::Instant::now() < until {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                            let counter = if ready() {
+                                &st.held_ok
+                            } else {
+                                &st.held_timeout
+                            };
+                            counter.fetch_add(1, SeqCst);
+                        }
                         let prefix = st.drop_prefix.lock().unwrap().clone();
                         let nth = st.drop_nth.load(SeqCst);
                         if nth > 0
