@@ -53,6 +53,7 @@ impl Pump {
         store: Arc<Store>,
         endpoints: Vec<Endpoint>,
     ) -> Pump {
+        endpoint::wire_preloads(&endpoints);
         let live = crate::status::Live::new();
         for e in &endpoints {
             if let Endpoint::Http(h) = e {

@@ -792,12 +792,19 @@ impl Store {
     /// fsync'd (the fsync runs while the hash is computed). `Ok(None)` when no link can be
     /// made here (another filesystem, a filesystem without links, not allowed): copy it.
     ///
+    /// `linked` is told the spool path and size once the link exists, before the hash (an
+    /// FTP sink starts uploading it then: `FtpEndpoint::preload`).
+    ///
     /// The source's name is removed only after the commit, like a copy's; from then on the
     /// spool link is the file's only name. What a link does not protect against, and a
     /// copy would: a writer that still holds the file open and writes into it after it
     /// was taken. The caller's size and mtime check before and after, and the settle
     /// time, are the guard, as for a copy.
-    pub fn spool_link(&self, src: &Path) -> io::Result<Option<Spooled>> {
+    pub fn spool_link(
+        &self,
+        src: &Path,
+        linked: impl FnOnce(&Path, u64),
+    ) -> io::Result<Option<Spooled>> {
         use rand::Rng;
         let r: u64 = rand::thread_rng().gen();
         let shard = format!("{:02x}", r >> 56);
@@ -811,6 +818,7 @@ impl Store {
         }
         let spooled = (|| -> io::Result<Spooled> {
             let f = open_to_sync(&path)?;
+            linked(&path, f.metadata()?.len());
             let syncer = {
                 let f = f.try_clone()?;
                 std::thread::spawn(move || f.sync_all())

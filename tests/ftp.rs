@@ -964,6 +964,92 @@ async fn vsftpd_a_report_reaches_the_office_while_its_ftp_file_is_deleted() {
     on_vsftpd(a_report_reaches_the_office_while_its_ftp_file_is_deleted).await;
 }
 
+fn ftp_of(b: &Bridge, name: &str) -> Arc<kkm_bridge::endpoint::ftp::FtpEndpoint> {
+    match &**b.pump.endpoints.get(name).unwrap() {
+        kkm_bridge::endpoint::Endpoint::Ftp(f) => f.clone(),
+        _ => panic!("{name} is not an FTP endpoint"),
+    }
+}
+
+/// A big file taken from a folder is uploaded to its temp while the take still hashes
+/// it: the delivery uses that upload (one STOR in all), and the bytes on the server are
+/// the file's; a small one is uploaded after its commit, as always.
+fn a_big_file_is_uploaded_while_it_is_taken(
+    server: &mut Server,
+) -> Pin<Box<dyn Future<Output = ()> + '_>> {
+    Box::pin(async move {
+        let proxy = Proxy::start(url_port(&server.url)).await;
+        let office = tempfile::tempdir().unwrap();
+        let big = noise(9, 40 << 20);
+        std::fs::write(office.path().join("POS1.spr.$1"), &big).unwrap();
+        std::fs::write(office.path().join("POS1.spr.$2"), spr_of(1, 2)).unwrap();
+        let b = dir_to_ftp(
+            office.path(),
+            &proxy.url(&server.url),
+            "connections = 2",
+            "1",
+        );
+        let r = b.pass().await;
+        assert_eq!((r.taken, r.delivered, r.queued), (2, 2, 0), "{r:?}");
+        assert_eq!(
+            ftp_of(&b, "shopftp").uploads_ahead(),
+            (0, 1),
+            "one upload ahead, used"
+        );
+        let cmds = proxy.state.commands.lock().unwrap().clone();
+        let stors = cmds.iter().filter(|(_, c)| c.starts_with("STOR ")).count();
+        assert_eq!(stors, 2, "each package uploaded once: {cmds:?}");
+        assert_eq!(proxy.renames(), ["POS1.spr.$1", "POS1.spr.$2"]);
+        assert_eq!(server.get("POS1.spr.$1").await, big);
+        assert_eq!(server.names().await, ["POS1.spr.$1", "POS1.spr.$2"]);
+        assert!(dir_names(office.path()).is_empty());
+    })
+}
+
+#[tokio::test]
+async fn unftp_a_big_file_is_uploaded_while_it_is_taken() {
+    on_unftp(a_big_file_is_uploaded_while_it_is_taken).await;
+}
+#[tokio::test]
+async fn vsftpd_a_big_file_is_uploaded_while_it_is_taken() {
+    on_vsftpd(a_big_file_is_uploaded_while_it_is_taken).await;
+}
+
+/// An upload ahead whose take never committed (its spool file is gone: the take failed,
+/// or found the file changed) loses its temp at the next recovery.
+#[tokio::test]
+async fn an_upload_ahead_of_a_take_that_did_not_commit_is_removed() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::unftp(root.path());
+    let office = tempfile::tempdir().unwrap();
+    let b = dir_to_ftp(office.path(), &server.url, "connections = 2", "1");
+    b.pass().await; // the first recovery (crash leftovers) is done
+    let spool = tempfile::tempdir().unwrap();
+    let file = spool.path().join("0123456789abcdef.pkg");
+    std::fs::write(&file, noise(10, 33 << 20)).unwrap();
+    let f = ftp_of(&b, "shopftp");
+    f.preload(&file, 33 << 20);
+    let temps = || {
+        walkdir::WalkDir::new(root.path())
+            .into_iter()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_type().is_file())
+            .map(|e| e.metadata().unwrap().len())
+            .collect::<Vec<u64>>()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    while temps() != [33 << 20] {
+        assert!(std::time::Instant::now() < until, "{:?}", temps());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::remove_file(&file).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await; // the upload's task ends
+    let r = b.pass().await;
+    assert!(r.errors.is_empty(), "{r:?}");
+    assert_eq!(f.uploads_ahead(), (0, 0));
+    assert_eq!(temps(), Vec::<u64>::new(), "the temp is removed");
+}
+
 #[tokio::test]
 async fn unftp_a_big_upload_leaves_its_connection_to_close_in_the_background() {
     on_unftp(a_big_upload_leaves_its_connection_to_close_in_the_background).await;

@@ -33,7 +33,12 @@ pub struct DirEndpoint {
     patterns: Vec<(Kind, NamePattern)>,
     warned: WarnOnce,
     temps_cleaned: AtomicBool,
+    /// Told (till, spool path, size) of each big file linked into the spool, before its
+    /// hash: its sink may start uploading it ([`crate::endpoint::wire_preloads`]).
+    pub preload: std::sync::OnceLock<Preloader>,
 }
+
+pub type Preloader = Box<dyn Fn(u32, &Path, u64) + Send + Sync>;
 
 /// One file seen in a listing.
 #[derive(Debug, Clone)]
@@ -71,6 +76,7 @@ impl DirEndpoint {
             patterns,
             warned: WarnOnce::default(),
             temps_cleaned: AtomicBool::new(false),
+            preload: std::sync::OnceLock::new(),
         }
     }
 
@@ -280,7 +286,11 @@ impl DirEndpoint {
         // hash), when the spool is on the same filesystem.
         let linked = if before.len() > INLINE_MAX as u64 {
             store
-                .spool_link(&path)
+                .spool_link(&path, |spool, size| {
+                    if let Some(preload) = self.preload.get() {
+                        preload(c.pos, spool, size);
+                    }
+                })
                 .with_context(|| format!("cannot spool {}", path.display()))?
         } else {
             None

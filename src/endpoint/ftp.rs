@@ -307,6 +307,11 @@ pub struct FtpEndpoint {
     seen: Mutex<HashMap<String, u64>>,
     /// Temp files an interrupted upload left; deleted on the next recover.
     orphans: Mutex<Vec<String>>,
+    /// Big spool files being uploaded ahead of their package's commit, by spool file
+    /// name ([`FtpEndpoint::preload`]).
+    preloads: Mutex<HashMap<String, Preload>>,
+    /// Deliveries that found their bytes uploaded ahead.
+    preloads_used: std::sync::atomic::AtomicU64,
     /// Whether the server understands `LIST -a` (shows dot files on vsftpd).
     list_a: AtomicBool,
     /// Whether `STAT <glob>` lists a batch's temps (vsftpd, ProFTPD); else SIZE each.
@@ -435,14 +440,21 @@ impl Session<'_> {
                 Err(_) => return,
             },
         };
-        let old = self.ftp.replace(other);
-        let old_permit = self.permit.replace(permit);
+        self.close_in_background();
+        self.ftp = Some(other);
+        self.permit = Some(permit);
+    }
+
+    /// Sends `QUIT` from a task that keeps this session's slot until the server answers;
+    /// the session is left without a connection and a slot.
+    fn close_in_background(&mut self) {
+        let (old, permit) = (self.ftp.take(), self.permit.take());
         let after = self.ep.config.timeout;
         tokio::spawn(async move {
             if let Some(mut old) = old {
                 let _ = tokio::time::timeout(after, old.quit()).await;
             }
-            drop(old_permit);
+            drop(permit);
         });
     }
 
@@ -587,7 +599,7 @@ impl Session<'_> {
     async fn stor(
         &mut self,
         name: &str,
-        pkg: &Package,
+        what: &str,
         payload: crate::store::Payload,
     ) -> Result<u64, FtpFail> {
         let mut stream = cmd!(self, format!("STOR {name}"), |f| f.put_with_stream(name))?;
@@ -615,10 +627,10 @@ impl Session<'_> {
                         Ok(c) => c,
                         Err(e) => {
                             self.broken();
-                            return Err(FtpFail::Other(anyhow::Error::new(e).context(format!(
-                                "cannot read the payload of {}",
-                                pkg.describe()
-                            ))));
+                            return Err(FtpFail::Other(
+                                anyhow::Error::new(e)
+                                    .context(format!("cannot read the payload of {what}")),
+                            ));
                         }
                     };
                     self.transfer_step(|| format!("STOR {name} (after {total} bytes)"), async {
@@ -960,6 +972,8 @@ impl FtpEndpoint {
                 next_try: None,
             }),
             seen: Mutex::new(HashMap::new()),
+            preloads: Mutex::new(HashMap::new()),
+            preloads_used: std::sync::atomic::AtomicU64::new(0),
             orphans: Mutex::new(Vec::new()),
             list_a: AtomicBool::new(true),
             stat_glob: AtomicBool::new(true),
@@ -1001,6 +1015,10 @@ impl FtpEndpoint {
 
     async fn session(&self) -> Session<'_> {
         let permit = self.permit().await;
+        self.session_with(permit).await
+    }
+
+    async fn session_with(&self, permit: tokio::sync::OwnedSemaphorePermit) -> Session<'_> {
         Session {
             ep: self,
             ftp: self.idle().await,
@@ -1123,11 +1141,143 @@ impl FtpEndpoint {
         }
     }
 
+    // ------------------------------------------------------------ uploads ahead
+
+    /// Starts uploading a big file that a folder's take has just linked into the spool
+    /// (`spool`, `size` bytes), to a temp name, while the take still hashes and fsyncs it:
+    /// once the package is committed, its delivery finds the bytes on the server and only
+    /// checks the size and renames (`FtpEndpoint::preloaded`).
+    ///
+    /// Nothing gets its final name before the package is committed and journaled as
+    /// "delivering", as for any upload: a crash leaves only a temp, which the next start
+    /// removes (no journal row names it); a take that does not commit (an error, or the
+    /// file changed meanwhile) leaves the spool file gone, and the next recovery removes
+    /// the temp. The spool link is the very file the take hashes, and the take's size and
+    /// mtime check before and after covers both reads.
+    ///
+    /// Only in numbered mode, with a connection slot free right now (its own, so that a
+    /// delivery waiting for it never waits for a slot), never with `connections = 1`.
+    pub fn preload(self: &Arc<Self>, spool: &std::path::Path, size: u64) {
+        if !self.config.numbered || size < BIG_UPLOAD {
+            return;
+        }
+        let (Some(key), Ok(rt)) = (spool_key(spool), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let Ok(permit) = self.pool.permits.clone().try_acquire_owned() else {
+            return;
+        };
+        let tag = temp_tag();
+        let tmp = temp_name_tagged(&tag, 0);
+        let (ep, path, name) = (self.clone(), spool.to_path_buf(), tmp.clone());
+        let task = rt.spawn(async move { ep.upload_ahead(permit, &path, &name).await });
+        tracing::debug!(endpoint = %self.name, spool = %spool.display(), "uploading {tmp} ahead of the commit");
+        let path = spool.to_path_buf();
+        lock(&self.preloads).insert(
+            key,
+            Preload {
+                path,
+                tag,
+                tmp,
+                task,
+            },
+        );
+    }
+
+    /// (uploads ahead not consumed yet, deliveries that used one so far).
+    pub fn uploads_ahead(&self) -> (usize, u64) {
+        (
+            lock(&self.preloads).len(),
+            self.preloads_used.load(Ordering::Relaxed),
+        )
+    }
+
+    async fn upload_ahead(
+        &self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        path: &std::path::Path,
+        tmp: &str,
+    ) -> Result<u64, FtpFail> {
+        let file = std::fs::File::open(path).map_err(|e| {
+            FtpFail::Other(anyhow::Error::new(e).context(format!("cannot open {}", path.display())))
+        })?;
+        let mut s = self.session_with(permit).await;
+        let what = format!("the spool file {}", path.display());
+        match s.stor(tmp, &what, crate::store::Payload::File(file)).await {
+            Ok(sent) => {
+                // The server may take a while to close the file (see `Session::retire`):
+                // the delivery goes on its own connection meanwhile.
+                s.close_in_background();
+                Ok(sent)
+            }
+            Err(e) => {
+                if s.dele(tmp).await.is_err() {
+                    lock(&self.orphans).push(tmp.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The upload ahead of a batch's only package, once it is done and had all its bytes:
+    /// (tag, temp). None when there was none, or it failed (it is then uploaded now).
+    async fn preloaded(&self, batch: &[Planned]) -> Option<(String, String)> {
+        let [one] = batch else {
+            return None;
+        };
+        if one.pkg.inline {
+            return None;
+        }
+        let key = spool_key(&one.pkg.payload)?;
+        let p = lock(&self.preloads).remove(&key)?;
+        let what = one.pkg.describe();
+        match p.task.await {
+            Ok(Ok(sent)) if sent == one.pkg.size => {
+                self.preloads_used.fetch_add(1, Ordering::Relaxed);
+                Some((p.tag, p.tmp))
+            }
+            Ok(Ok(sent)) => {
+                tracing::warn!(endpoint = %self.name, "the upload ahead of {what} sent {sent} bytes, the package has {}; uploading it again", one.pkg.size);
+                lock(&self.orphans).push(p.tmp);
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(endpoint = %self.name, "the upload ahead of {what} failed ({e}); uploading it now");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(endpoint = %self.name, "the upload ahead of {what}: {e}; uploading it now");
+                lock(&self.orphans).push(p.tmp);
+                None
+            }
+        }
+    }
+
+    /// Uploads ahead whose take did not commit (their spool file is gone): their temps
+    /// become orphans, removed by this recovery.
+    async fn sweep_preloads(&self) {
+        let gone: Vec<Preload> = {
+            let mut preloads = lock(&self.preloads);
+            let keys: Vec<String> = preloads
+                .iter()
+                .filter(|(_, p)| p.task.is_finished() && !p.path.exists())
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter().filter_map(|k| preloads.remove(k)).collect()
+        };
+        for p in gone {
+            if let Ok(Ok(_)) = p.task.await {
+                lock(&self.orphans).push(p.tmp);
+            }
+        }
+    }
+
     // ------------------------------------------------------------ recovery
 
     /// Finishes what a crash or a dropped connection interrupted. Touches the server only
     /// when there is something to finish.
     pub async fn recover(&self, store: &Store) -> anyhow::Result<()> {
+        self.sweep_preloads().await;
         let pending = store.source_pending(&self.name)?;
         let delivering = store.delivering(&self.name)?;
         let orphans: Vec<String> = lock(&self.orphans).clone();
@@ -1205,7 +1355,8 @@ impl FtpEndpoint {
             lock(&self.orphans).retain(|x| x != &o);
         }
         if clean {
-            let in_use = store.sink_temps_in_use(&self.name)?;
+            let mut in_use = store.sink_temps_in_use(&self.name)?;
+            in_use.extend(lock(&self.preloads).values().map(|p| p.tmp.clone()));
             for e in &listing {
                 if e.is_file && is_temp_name(&e.name) && !in_use.contains(&e.name) {
                     tracing::info!(endpoint = %self.name, file = %e.name, "removing a temp file left by a crash");
@@ -1789,7 +1940,11 @@ impl FtpEndpoint {
         report: &mut DeliverReport,
     ) -> UploadOutcome {
         let mut ok = Vec::with_capacity(batch.len());
-        let tag = temp_tag();
+        let mut ahead = match batch.first() {
+            Some(p) if !stopped.contains(&p.pkg.pos) => self.preloaded(&batch).await,
+            _ => None,
+        };
+        let tag = ahead.as_ref().map_or_else(temp_tag, |(tag, _)| tag.clone());
         let mut it = batch.into_iter().zip(payloads).enumerate();
         while let Some((i, (planned, payload))) = it.next() {
             if stopped.contains(&planned.pkg.pos) {
@@ -1798,6 +1953,7 @@ impl FtpEndpoint {
             }
             let what = planned.pkg.describe();
             let r = match payload {
+                Ok(_) if ahead.is_some() => Ok(ahead.take().expect("checked").1),
                 Ok(payload) => {
                     let tmp = temp_name_tagged(&tag, i);
                     self.upload(s, &tmp, &planned.pkg, payload)
@@ -2118,7 +2274,7 @@ impl FtpEndpoint {
         pkg: &Package,
         payload: crate::store::Payload,
     ) -> Result<(), FtpFail> {
-        let sent = match s.stor(tmp, pkg, payload).await {
+        let sent = match s.stor(tmp, &pkg.describe(), payload).await {
             Ok(n) => n,
             Err(e) => {
                 // Delete the partial temp now if the connection still works, else later.
@@ -2137,7 +2293,7 @@ impl FtpEndpoint {
                 pkg.size
             )));
         }
-        if sent >= RETIRE_AFTER_BYTES {
+        if sent >= BIG_UPLOAD {
             s.retire().await;
         }
         Ok(())
@@ -2146,8 +2302,25 @@ impl FtpEndpoint {
 
 /// An upload at least this big leaves its connection to close in the background
 /// ([`Session::retire`]): the wait it saves grows with the size (about 0.45 ms per MiB on
-/// vsftpd/ext4), a new login costs a few ms.
-const RETIRE_AFTER_BYTES: u64 = 32 << 20;
+/// vsftpd/ext4), a new login costs a few ms. A folder's file this big is uploaded ahead
+/// of its commit ([`FtpEndpoint::preload`]).
+const BIG_UPLOAD: u64 = 32 << 20;
+
+/// An upload started ahead of its package's commit.
+struct Preload {
+    /// The spool file it reads (gone: the take did not commit it).
+    path: std::path::PathBuf,
+    tag: String,
+    tmp: String,
+    /// The bytes sent, once the server confirmed the transfer.
+    task: tokio::task::JoinHandle<Result<u64, FtpFail>>,
+}
+
+/// The key of a spool file among the preloads: its file name (random, unique in the
+/// spool).
+fn spool_key(path: &std::path::Path) -> Option<String> {
+    Some(path.file_name()?.to_str()?.to_string())
+}
 
 /// At most this many packages per batch (one "delivering" commit each)...
 const BATCH_MAX: usize = 32;

@@ -13,7 +13,7 @@ pub mod ftp;
 pub mod http_client;
 pub mod http_server;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use crate::config::{Config, EndpointConfig, PosSet};
@@ -421,6 +421,38 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Endpoint>> {
         out.push(ep);
     }
     Ok(out)
+}
+
+/// Lets every folder endpoint hand the big files it takes to the FTP endpoints on the
+/// other side of their links, which upload them while the take still hashes and fsyncs
+/// them (`FtpEndpoint::preload`).
+pub fn wire_preloads(endpoints: &[Endpoint]) {
+    let ftp: HashMap<&str, &Arc<ftp::FtpEndpoint>> = endpoints
+        .iter()
+        .filter_map(|e| match e {
+            Endpoint::Ftp(f) => Some((f.name.as_str(), f)),
+            _ => None,
+        })
+        .collect();
+    for e in endpoints {
+        let Endpoint::Dir(d) = e else { continue };
+        // The FTP peer of each link, by link name.
+        let peers: HashMap<String, Arc<ftp::FtpEndpoint>> = d
+            .routes
+            .links
+            .iter()
+            .filter_map(|r| Some((r.link.clone(), Arc::clone(ftp.get(r.peer.as_str())?))))
+            .collect();
+        if peers.is_empty() {
+            continue;
+        }
+        let routes = d.routes.clone();
+        let _ = d.preload.set(Box::new(move |pos, spool, size| {
+            if let Some(f) = routes.route(pos).and_then(|r| peers.get(&r.link)) {
+                f.preload(spool, size);
+            }
+        }));
+    }
 }
 
 #[cfg(test)]
