@@ -300,7 +300,13 @@ pub async fn sync(config_path: &std::path::Path, dry_run: bool) -> u8 {
             "sync: {} file(s) still being written; waiting {:?}",
             report.waiting, settle
         ));
-        tokio::time::sleep(settle + Duration::from_millis(50)).await;
+        let wait = settle + Duration::from_millis(50);
+        tracing::info!(
+            waiting_files = report.waiting,
+            wait_ms = wait.as_millis() as u64,
+            "looking again in {wait:?} at files not complete yet (still being written, or seen on FTP only once)"
+        );
+        tokio::time::sleep(wait).await;
         let again = pump.pass(false).await;
         report.taken += again.taken;
         report.delivered += again.delivered;
