@@ -144,6 +144,26 @@ fn spr_files_reach_the_kassa_folder_with_the_same_bytes_and_order() {
     }
 }
 
+/// A hidden file (a writer's temp, such as `.POS1.spr.$1.part`) is neither taken nor
+/// warned about; an unknown visible name is left alone with a warning.
+#[test]
+fn hidden_files_are_writers_temps_left_alone_without_a_warning() {
+    let s = Site::new("", "");
+    s.put(&s.office(), ".POS1.spr.$1.part", b"half written");
+    s.put(&s.office(), "notes.txt", b"not a package");
+    s.put(&s.office(), "POS1.spr.$1", &spr(1, 1));
+    let o = s.sync();
+    assert!(o.status.success());
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(!log.contains(".POS1.spr.$1.part"), "{log}");
+    assert!(log.contains("notes.txt"), "{log}");
+    assert_eq!(files(&s.shop()).keys().collect::<Vec<_>>(), ["POS1.spr.$1"]);
+    assert_eq!(
+        files(&s.office()).keys().collect::<Vec<_>>(),
+        [".POS1.spr.$1.part", "notes.txt"]
+    );
+}
+
 #[test]
 fn numbers_sort_numerically_and_continue_above_the_highest_present() {
     let s = Site::new("", "");

@@ -824,94 +824,137 @@ fn lost_lazy_commits_are_redone_by_recovery(
     })
 }
 
-/// A big upload (≥ 32 MiB) leaves its connection to close in the background: the size
-/// check and the rename go on another connection at once, instead of waiting for the
-/// server's close() of the file (0.48 s per GiB on vsftpd/ext4). The old connection
-/// only gets its QUIT, no more than `connections` are open, and the till's next package
-/// still follows in order.
+/// Moves a big `POS1.spr.$1` (`size` bytes of noise) and a small `POS1.spr.$2` to `server`
+/// through a proxy (`max_sessions` at once, 0 = any), `connections = 2`, and checks that
+/// both arrived in order with their bytes. From an office folder, the big one is uploaded
+/// while it is taken; from another FTP server (`from_ftp`, in-process), only after its
+/// commit, as from any source but a folder.
+async fn big_then_small(
+    server: &Server,
+    seed: u64,
+    size: usize,
+    from_ftp: bool,
+    max_sessions: usize,
+) -> BigThenSmall {
+    let proxy = Proxy::start(url_port(&server.url)).await;
+    proxy
+        .state
+        .max_sessions
+        .store(max_sessions, std::sync::atomic::Ordering::SeqCst);
+    let big = noise(seed, size);
+    let source = tempfile::tempdir().unwrap();
+    let sink = ftp_endpoint("shopftp", &proxy.url(&server.url), "connections = 2");
+    let (bridge, source_ftp) = if from_ftp {
+        let src = Server::unftp(source.path());
+        src.put("POS1.spr.$1", &big).await;
+        src.put("POS1.spr.$2", &spr_of(1, 2)).await;
+        let office = ftp_endpoint("office", &src.url, "");
+        (
+            bridge(&format!("{office}{sink}{}", link("office", "shopftp", "1"))),
+            Some(src),
+        )
+    } else {
+        std::fs::write(source.path().join("POS1.spr.$1"), &big).unwrap();
+        std::fs::write(source.path().join("POS1.spr.$2"), spr_of(1, 2)).unwrap();
+        let office = dir_endpoint("office", source.path(), "");
+        (
+            bridge(&format!("{office}{sink}{}", link("office", "shopftp", "1"))),
+            None,
+        )
+    };
+    let r = bridge.settle(5).await;
+    assert_eq!((r.taken, r.delivered, r.queued), (2, 2, 0), "{r:?}");
+    assert_eq!(proxy.renames(), ["POS1.spr.$1", "POS1.spr.$2"]);
+    assert_eq!(server.get("POS1.spr.$1").await, big);
+    assert_eq!(server.get("POS1.spr.$2").await, spr_of(1, 2));
+    assert_eq!(server.names().await, ["POS1.spr.$1", "POS1.spr.$2"]);
+    match &source_ftp {
+        Some(src) => assert!(src.names().await.is_empty()),
+        None => assert!(dir_names(source.path()).is_empty()),
+    }
+    BigThenSmall {
+        proxy,
+        bridge,
+        _source: (source, source_ftp),
+    }
+}
+
+struct BigThenSmall {
+    proxy: Proxy,
+    bridge: Bridge,
+    _source: (tempfile::TempDir, Option<Server>),
+}
+
+/// The session that sent the big package's `STOR` sends nothing after it but `QUIT`, and
+/// the renames go on other sessions, at most two at once.
+fn assert_big_stor_session_only_quits(proxy: &Proxy) {
+    use std::sync::atomic::Ordering::SeqCst;
+    assert!(
+        proxy.state.max_open.load(SeqCst) <= 2,
+        "at most two at once"
+    );
+    let cmds = proxy.state.commands.lock().unwrap().clone();
+    let (stor_at, (big_session, _)) = cmds
+        .iter()
+        .enumerate()
+        .find(|(_, (_, c))| c.starts_with("STOR "))
+        .expect("a STOR");
+    let after: Vec<&str> = cmds[stor_at + 1..]
+        .iter()
+        .filter(|(id, _)| id == big_session)
+        .map(|(_, c)| c.as_str())
+        .collect();
+    assert_eq!(
+        after,
+        ["QUIT"],
+        "the big upload's session after its STOR: {cmds:?}"
+    );
+    let renamed_on: Vec<usize> = cmds
+        .iter()
+        .filter(|(_, c)| c.starts_with("RNTO "))
+        .map(|(id, _)| *id)
+        .collect();
+    assert_eq!(renamed_on.len(), 2, "{cmds:?}");
+    assert!(!renamed_on.contains(big_session), "{cmds:?}");
+}
+
+/// A big upload (≥ 32 MiB) after its commit leaves its connection to close in the
+/// background: the size check and the rename go on another connection at once, instead
+/// of waiting for the server's close() of the file (0.48 s per GiB on vsftpd/ext4). The
+/// till's next package still follows in order.
 fn a_big_upload_leaves_its_connection_to_close_in_the_background(
     server: &mut Server,
 ) -> Pin<Box<dyn Future<Output = ()> + '_>> {
     Box::pin(async move {
-        use std::sync::atomic::Ordering::SeqCst;
-        let proxy = Proxy::start(url_port(&server.url)).await;
-        let office = tempfile::tempdir().unwrap();
-        let big = noise(7, 33 << 20);
-        std::fs::write(office.path().join("POS1.spr.$1"), &big).unwrap();
-        std::fs::write(office.path().join("POS1.spr.$2"), spr_of(1, 2)).unwrap();
-        let b = dir_to_ftp(
-            office.path(),
-            &proxy.url(&server.url),
-            "connections = 2",
-            "1",
-        );
-        let r = b.pass().await;
-        assert_eq!((r.taken, r.delivered, r.queued), (2, 2, 0), "{r:?}");
-        assert!(
-            proxy.state.max_open.load(SeqCst) <= 2,
-            "at most two at once"
-        );
-        let cmds = proxy.state.commands.lock().unwrap().clone();
-        let (stor_at, (big_session, _)) = cmds
-            .iter()
-            .enumerate()
-            .find(|(_, (_, c))| c.starts_with("STOR "))
-            .expect("a STOR");
-        let after: Vec<&str> = cmds[stor_at + 1..]
-            .iter()
-            .filter(|(id, _)| id == big_session)
-            .map(|(_, c)| c.as_str())
-            .collect();
-        assert_eq!(
-            after,
-            ["QUIT"],
-            "the big upload's session after its STOR: {cmds:?}"
-        );
-        let renamed_on: Vec<usize> = cmds
-            .iter()
-            .filter(|(_, c)| c.starts_with("RNTO "))
-            .map(|(id, _)| *id)
-            .collect();
-        assert_eq!(renamed_on.len(), 2, "{cmds:?}");
-        assert!(!renamed_on.contains(big_session), "{cmds:?}");
-        assert_eq!(proxy.renames(), ["POS1.spr.$1", "POS1.spr.$2"]);
-        assert_eq!(server.get("POS1.spr.$1").await, big);
-        assert_eq!(server.get("POS1.spr.$2").await, spr_of(1, 2));
-        assert_eq!(server.names().await, ["POS1.spr.$1", "POS1.spr.$2"]);
+        let t = big_then_small(server, 7, 33 << 20, true, 0).await;
+        assert_big_stor_session_only_quits(&t.proxy);
     })
 }
 
+#[tokio::test]
+async fn unftp_a_big_upload_leaves_its_connection_to_close_in_the_background() {
+    on_unftp(a_big_upload_leaves_its_connection_to_close_in_the_background).await;
+}
+#[tokio::test]
+async fn vsftpd_a_big_upload_leaves_its_connection_to_close_in_the_background() {
+    on_vsftpd(a_big_upload_leaves_its_connection_to_close_in_the_background).await;
+}
+
 /// Where the server allows no second login, a big upload waits on its own connection,
-/// as before: delivered in the same pass, in order.
+/// as before: delivered in the same pass, in order, over one session.
 fn a_big_upload_without_a_second_login_waits_on_its_connection(
     server: &mut Server,
 ) -> Pin<Box<dyn Future<Output = ()> + '_>> {
     Box::pin(async move {
         use std::sync::atomic::Ordering::SeqCst;
-        let proxy = Proxy::start(url_port(&server.url)).await;
-        proxy.state.max_sessions.store(1, SeqCst);
-        let office = tempfile::tempdir().unwrap();
-        let big = noise(8, 33 << 20);
-        std::fs::write(office.path().join("POS1.spr.$1"), &big).unwrap();
-        std::fs::write(office.path().join("POS1.spr.$2"), spr_of(1, 2)).unwrap();
-        let b = dir_to_ftp(
-            office.path(),
-            &proxy.url(&server.url),
-            "connections = 2",
-            "1",
-        );
-        let r = b.pass().await;
-        assert_eq!((r.taken, r.delivered, r.queued), (2, 2, 0), "{r:?}");
+        let t = big_then_small(server, 8, 33 << 20, true, 1).await;
         assert!(
-            proxy.state.refused.load(SeqCst) >= 1,
+            t.proxy.state.refused.load(SeqCst) >= 1,
             "a second login was tried"
         );
-        let cmds = proxy.state.commands.lock().unwrap().clone();
+        let cmds = t.proxy.state.commands.lock().unwrap().clone();
         let sessions: std::collections::HashSet<usize> = cmds.iter().map(|(id, _)| *id).collect();
         assert_eq!(sessions.len(), 1, "{cmds:?}");
-        assert_eq!(proxy.renames(), ["POS1.spr.$1", "POS1.spr.$2"]);
-        assert_eq!(server.get("POS1.spr.$1").await, big);
-        assert_eq!(server.names().await, ["POS1.spr.$1", "POS1.spr.$2"]);
     })
 }
 
@@ -972,37 +1015,19 @@ fn ftp_of(b: &Bridge, name: &str) -> Arc<kkm_bridge::endpoint::ftp::FtpEndpoint>
 }
 
 /// A big file taken from a folder is uploaded to its temp while the take still hashes
-/// it: the delivery uses that upload (one STOR in all), and the bytes on the server are
-/// the file's; a small one is uploaded after its commit, as always.
+/// it: the delivery uses that upload (one STOR per package in all), whose connection then
+/// closes in the background; a small one is uploaded after its commit, as always.
 fn a_big_file_is_uploaded_while_it_is_taken(
     server: &mut Server,
 ) -> Pin<Box<dyn Future<Output = ()> + '_>> {
     Box::pin(async move {
-        let proxy = Proxy::start(url_port(&server.url)).await;
-        let office = tempfile::tempdir().unwrap();
-        let big = noise(9, 40 << 20);
-        std::fs::write(office.path().join("POS1.spr.$1"), &big).unwrap();
-        std::fs::write(office.path().join("POS1.spr.$2"), spr_of(1, 2)).unwrap();
-        let b = dir_to_ftp(
-            office.path(),
-            &proxy.url(&server.url),
-            "connections = 2",
-            "1",
-        );
-        let r = b.pass().await;
-        assert_eq!((r.taken, r.delivered, r.queued), (2, 2, 0), "{r:?}");
-        assert_eq!(
-            ftp_of(&b, "shopftp").uploads_ahead(),
-            (0, 1),
-            "one upload ahead, used"
-        );
-        let cmds = proxy.state.commands.lock().unwrap().clone();
+        let t = big_then_small(server, 9, 40 << 20, false, 0).await;
+        let ahead = ftp_of(&t.bridge, "shopftp").uploads_ahead();
+        assert_eq!(ahead, (0, 1), "one upload ahead, used");
+        let cmds = t.proxy.state.commands.lock().unwrap().clone();
         let stors = cmds.iter().filter(|(_, c)| c.starts_with("STOR ")).count();
         assert_eq!(stors, 2, "each package uploaded once: {cmds:?}");
-        assert_eq!(proxy.renames(), ["POS1.spr.$1", "POS1.spr.$2"]);
-        assert_eq!(server.get("POS1.spr.$1").await, big);
-        assert_eq!(server.names().await, ["POS1.spr.$1", "POS1.spr.$2"]);
-        assert!(dir_names(office.path()).is_empty());
+        assert_big_stor_session_only_quits(&t.proxy);
     })
 }
 
@@ -1048,15 +1073,6 @@ async fn an_upload_ahead_of_a_take_that_did_not_commit_is_removed() {
     assert!(r.errors.is_empty(), "{r:?}");
     assert_eq!(f.uploads_ahead(), (0, 0));
     assert_eq!(temps(), Vec::<u64>::new(), "the temp is removed");
-}
-
-#[tokio::test]
-async fn unftp_a_big_upload_leaves_its_connection_to_close_in_the_background() {
-    on_unftp(a_big_upload_leaves_its_connection_to_close_in_the_background).await;
-}
-#[tokio::test]
-async fn vsftpd_a_big_upload_leaves_its_connection_to_close_in_the_background() {
-    on_vsftpd(a_big_upload_leaves_its_connection_to_close_in_the_background).await;
 }
 
 #[tokio::test]

@@ -204,7 +204,7 @@ impl DirEndpoint {
             &self.patterns,
             self.config.numbered,
             &self.warned,
-            self.list()?.into_iter().filter(|e| !is_temp_name(&e.name)),
+            self.list()?,
             |e| e.name.as_str(),
         );
         let mut batch: Vec<Prepared> = Vec::new();

@@ -1155,8 +1155,9 @@ impl FtpEndpoint {
     /// the temp. The spool link is the very file the take hashes, and the take's size and
     /// mtime check before and after covers both reads.
     ///
-    /// Only in numbered mode, with a connection slot free right now (its own, so that a
-    /// delivery waiting for it never waits for a slot), never with `connections = 1`.
+    /// Only in numbered mode, and only with a connection slot free right now: the upload
+    /// holds a slot of its own from the start, so a delivery waiting for it never waits
+    /// for a slot it holds itself.
     pub fn preload(self: &Arc<Self>, spool: &std::path::Path, size: u64) {
         if !self.config.numbered || size < BIG_UPLOAD {
             return;
@@ -1398,9 +1399,7 @@ impl FtpEndpoint {
             &self.patterns,
             self.config.numbered,
             &self.warned,
-            listing
-                .into_iter()
-                .filter(|e| e.is_file && !is_temp_name(&e.name) && !e.name.starts_with('.')),
+            listing.into_iter().filter(|e| e.is_file),
             |e| e.name.as_str(),
         );
         'groups: for (_, mut files) in groups {

@@ -164,6 +164,10 @@ pub fn group_candidates<E>(
     let mut groups: BTreeMap<(u32, Kind), Vec<Candidate<E>>> = BTreeMap::new();
     for entry in entries {
         let file = name(&entry);
+        if file.starts_with('.') {
+            // Hidden: a writer's temp name by convention (ours too), never a package.
+            continue;
+        }
         let Some((kind, pos, n)) = parse_name(patterns, numbered, file) else {
             if warned.first(file) {
                 tracing::warn!(%endpoint, %file, "left alone: the name matches no pattern of this endpoint (numbered = {numbered})");
