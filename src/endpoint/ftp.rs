@@ -1951,17 +1951,22 @@ impl FtpEndpoint {
                 continue;
             }
             let what = planned.pkg.describe();
-            let r = match payload {
-                Ok(_) if ahead.is_some() => Ok(ahead.take().expect("checked").1),
-                Ok(payload) => {
+            let r = match (payload, ahead.take()) {
+                (Ok(_), Some((_, tmp))) => Ok(tmp), // uploaded ahead of its commit
+                (Ok(payload), None) => {
                     let tmp = temp_name_tagged(&tag, i);
                     self.upload(s, &tmp, &planned.pkg, payload)
                         .await
                         .map(|()| tmp)
                 }
-                Err(e) => Err(FtpFail::Other(
-                    anyhow::Error::new(e).context(format!("cannot read the payload of {what}")),
-                )),
+                (Err(e), unused) => {
+                    if let Some((_, tmp)) = unused {
+                        lock(&self.orphans).push(tmp);
+                    }
+                    Err(FtpFail::Other(
+                        anyhow::Error::new(e).context(format!("cannot read the payload of {what}")),
+                    ))
+                }
             };
             match r {
                 Ok(tmp) => ok.push(Uploaded { planned, tmp }),
